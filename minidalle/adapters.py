@@ -1,0 +1,154 @@
+"""The adapter artifact on disk, and nothing else (no model code here).
+
+    {adapter_dir}/
+      adapter.safetensors                 LoRA in peft keys ("unet.<key>") + prior MLP ("prior.<key>")
+      pytorch_lora_weights.safetensors    the same LoRA in the layout diffusers' `load_lora_weights` reads
+      adapter.json                        base model + hash, LoRA config, training config, steps, dataset hash, created
+
+Only safetensors are read; nothing is unpickled. Writes go to a temporary sibling folder that is renamed into place,
+so a reader never sees half an adapter and a failed write leaves the previous adapter untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ADAPTER_FILE = "adapter.safetensors"
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+META_FILE = "adapter.json"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+FORMAT_VERSION = 1
+
+
+def check_adapter_name(name: str, field_name: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(f"{field_name}: adapter name {name!r} must be 1-64 characters of letters, digits, '-' "
+                         "or '_', starting with a letter or digit")
+    return name
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters; the defaults are the project's (rank 8, alpha 16 ⇒ scale 2, light dropout)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
+
+    def check(self) -> None:
+        if not (isinstance(self.rank, int) and 1 <= self.rank <= 512):
+            raise ValueError(f"rank: must be an integer in [1, 512], got {self.rank!r}")
+        if not (0 < float(self.alpha) <= 4096):
+            raise ValueError(f"alpha: must be in (0, 4096], got {self.alpha!r}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"target_modules: must be a non-empty list of module names, got {self.target_modules!r}")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), init_lora_weights="gaussian")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": list(self.target_modules)}
+
+
+@dataclass
+class Adapter:
+    """An adapter read from disk: metadata plus the two weight groups."""
+
+    path: Path
+    meta: dict[str, Any]
+    lora: dict[str, torch.Tensor]  # peft keys, adapter name stripped
+    prior: dict[str, torch.Tensor] | None  # PriorMLP state dict, None when the prior was not trained
+
+    @property
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(**self.meta["lora"])
+
+
+def _diffusers_lora_metadata(settings: LoraSettings) -> dict[str, Any]:
+    # what diffusers' load_lora_weights reads to rebuild the LoraConfig (alpha ≠ rank must survive)
+    return {"r": settings.rank, "lora_alpha": settings.alpha, "target_modules": list(settings.target_modules),
+            "lora_dropout": settings.dropout, "use_dora": False, "lora_bias": False}
+
+
+def save_adapter(out_dir: str | os.PathLike, *, lora: dict[str, torch.Tensor], prior: dict[str, torch.Tensor] | None,
+                 settings: LoraSettings, meta: dict[str, Any]) -> Path:
+    """Write the adapter folder atomically (temp folder + rename)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tensors = {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in lora.items()}
+        if prior is not None:
+            tensors.update({f"prior.{k}": v.detach().to("cpu").contiguous() for k, v in prior.items()})
+        save_file(tensors, tmp / ADAPTER_FILE, metadata={"format": "minidalle-adapter", "version": str(FORMAT_VERSION)})
+        unet_layers = convert_state_dict_to_diffusers({k: v.detach().to("cpu") for k, v in lora.items()})
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=unet_layers, weight_name=DIFFUSERS_FILE, safe_serialization=True,
+            unet_lora_adapter_metadata=_diffusers_lora_metadata(settings),
+        )
+        full_meta = {"format_version": FORMAT_VERSION, **meta, "lora": settings.to_dict(),
+                     "has_prior": prior is not None}
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(adapter_dir) / META_FILE
+    if not path.is_file():
+        raise ValueError(f"adapter: {adapter_dir} is not an adapter folder (no {META_FILE})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"adapter: {path} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or "lora" not in meta:
+        raise ValueError(f"adapter: {path} has no 'lora' section")
+    return meta
+
+
+def load_adapter_files(adapter_dir: str | os.PathLike) -> Adapter:
+    """Read and validate an adapter folder (safetensors only)."""
+    adapter_dir = Path(adapter_dir)
+    meta = read_meta(adapter_dir)
+    weights = adapter_dir / ADAPTER_FILE
+    if not weights.is_file():
+        raise ValueError(f"adapter: {adapter_dir} has no {ADAPTER_FILE}")
+    tensors = load_file(weights)
+    lora = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
+    prior = {k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")} or None
+    stray = [k for k in tensors if not k.startswith(("unet.", "prior."))]
+    if stray or not lora:
+        raise ValueError(f"adapter: {weights} has unexpected keys {stray[:3]} or no LoRA weights")
+    settings = LoraSettings(**meta["lora"])
+    settings.check()
+    return Adapter(path=adapter_dir, meta=meta, lora=lora, prior=prior)

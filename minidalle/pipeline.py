@@ -1,0 +1,390 @@
+"""MiniDallePipeline: CLIP text encoder → prior → (LoRA-)UNet ⇄ scheduler → VAE.
+
+Sampling is diffusers' own: the project encodes the prompt (text encoder, then prior; the negative prompt too) and
+hands the embeddings to `StableDiffusionPipeline` through `prompt_embeds` / `negative_prompt_embeds`. With the prior at
+identity the result is, pixel for pixel, what stock diffusers makes from the same components and seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from minidalle.adapters import check_adapter_name, load_adapter_files
+from minidalle.embedded import default_model
+from minidalle.prior import Prior
+from minidalle.schedulers import SCHEDULERS, check_scheduler_name, make_scheduler
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]  # (step, total); raise minidalle.Cancelled to stop
+
+
+@dataclass
+class GenerationOutput:
+    images: list  # PIL images
+    metadata: list[dict[str, Any]]  # per image: everything needed to reproduce it (seed included)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(torch_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if isinstance(torch_dtype, str):
+        names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        if torch_dtype not in names:
+            raise ValueError(f"torch_dtype: unknown dtype {torch_dtype!r}; use one of {', '.join(names)}")
+        torch_dtype = names[torch_dtype]
+    if torch_dtype is not None:
+        return torch_dtype
+    # half precision on a GPU (the SD 1.5 norm); CPUs have no fast fp16 matmul, so fp32 there
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class MiniDallePipeline:
+    """Text-to-image with a diffusion prior and switchable LoRA adapters on a resident base model."""
+
+    def __init__(self, *, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prior: Prior | None,
+                 unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: SchedulerMixin,
+                 model_id: str = "custom", max_loaded_adapters: int = 8):
+        if prior is None:  # absent prior = identity
+            prior = Prior(in_dim=text_encoder.config.hidden_size, out_dim=unet.config.cross_attention_dim,
+                          hidden_dim=unet.config.cross_attention_dim)
+            prior.to(device=text_encoder.device, dtype=text_encoder.dtype)
+        self.tokenizer, self.text_encoder, self.prior = tokenizer, text_encoder, prior
+        self.unet, self.vae, self.scheduler = unet, vae, scheduler
+        for m in (text_encoder, prior, unet, vae):
+            m.requires_grad_(False).eval()
+        self.model_id = model_id
+        self.max_loaded_adapters = max_loaded_adapters
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # name -> source folder (LRU order)
+        self._model_hash: str | None = None
+        # diffusers' own pipeline over the very same modules: it runs the denoising loop
+        self._sd = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        self._sd.set_progress_bar_config(disable=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loading / saving
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | None = None, *, torch_dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, **kwargs) -> MiniDallePipeline:
+        """Load a diffusers-layout folder or hub id (plus `prior/`, identity when absent). Safetensors only."""
+        model = str(model) if model is not None else default_model()
+        dev = resolve_device(device)
+        dtype = resolve_dtype(torch_dtype, dev)
+        is_local = os.path.isdir(model)
+        if not is_local and os.path.sep in model and not model.count("/") == 1:
+            raise ValueError(f"model: {model!r} is neither a folder nor a hub id")
+        load = dict(torch_dtype=dtype, use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **load)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **load)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **load)
+        scheduler = _load_scheduler(model)
+        prior = _load_prior(model, is_local, dtype)
+        pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, unet=unet, vae=vae,
+                   scheduler=scheduler, model_id=model, **kwargs)
+        return pipe.to(dev)
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the diffusers folder layout (stock diffusers can load it) plus `prior/`."""
+        path = Path(path)
+        self._sd.save_pretrained(path, safe_serialization=True)
+        self.prior.save_pretrained(path / "prior", safe_serialization=True)
+        index_file = path / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["prior"] = ["minidalle", "Prior"]  # ignored (with a warning) by StableDiffusionPipeline
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
+        return path
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MiniDallePipeline:
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for m in (self.text_encoder, self.prior, self.unet, self.vae):
+            if dtype is not None and m.dtype == dtype:
+                m.to(device=device) if device is not None else None  # no re-cast: avoids diffusers' cast warning
+            elif kwargs:
+                m.to(**kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return dict(tokenizer=self.tokenizer, text_encoder=self.text_encoder, prior=self.prior, unet=self.unet,
+                    vae=self.vae, scheduler=self.scheduler)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self._sd.vae_scale_factor
+
+    @property
+    def default_height(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    default_width = default_height
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Tokens a prompt may use, not counting the start/end tokens the encoder adds."""
+        return self.tokenizer.model_max_length - 2
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
+
+    @property
+    def model_hash(self) -> str:
+        """A short fingerprint of the base weights (configs + a few tensors), recorded in adapters and images."""
+        if self._model_hash is None:
+            h = hashlib.sha256()
+            for m in (self.unet, self.vae, self.text_encoder):
+                h.update(json.dumps(m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config),
+                                    sort_keys=True, default=str).encode())
+                sd = m.state_dict()
+                for key in sorted(sd)[:: max(1, len(sd) // 8)]:
+                    h.update(sd[key].detach().float().cpu().numpy().tobytes())
+            h.update(json.dumps(dict(self.prior.config), sort_keys=True).encode())
+            for v in self.prior.state_dict().values():
+                h.update(v.detach().float().cpu().numpy().tobytes())
+            self._model_hash = h.hexdigest()[:16]
+        return self._model_hash
+
+    # ------------------------------------------------------------------------------------------------------------
+    # adapters
+    @property
+    def loaded_adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def load_adapter(self, adapter_dir: str | os.PathLike, name: str | None = None) -> str:
+        """Load an adapter folder onto the resident UNet/prior (no base reload). Returns its name."""
+        adapter_dir = Path(adapter_dir)
+        name = check_adapter_name(name or adapter_dir.name, "adapters")
+        src = f"{adapter_dir.resolve()}@{_mtime(adapter_dir)}"
+        if self._adapters.get(name) == src:
+            self._adapters.move_to_end(name)
+            return name
+        adapter = load_adapter_files(adapter_dir)
+        if name in self._adapters:
+            self.unload_adapter(name)
+        base = adapter.meta.get("base_model_hash")
+        if base and base != self.model_hash:
+            log.warning("adapter %s was trained on base %s, this model is %s", name, base, self.model_hash)
+        self._inject_lora(name, adapter)
+        if adapter.prior is not None:
+            self.prior.add_adapter(name, adapter.prior)
+        self._adapters[name] = src
+        self._evict(keep={name})
+        return name
+
+    def _inject_lora(self, name: str, adapter) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        self.unet.add_adapter(adapter.lora_settings.peft_config(), adapter_name=name)
+        lora = {k: v.to(device=self.device, dtype=self.dtype) for k, v in adapter.lora.items()}
+        try:
+            result = set_peft_model_state_dict(self.unet, lora, adapter_name=name)
+        except RuntimeError as e:  # shape mismatch: an adapter for another base model
+            self.unet.delete_adapters(name)
+            raise ValueError(f"adapters: {name!r} does not fit this model ({str(e).splitlines()[0]})") from e
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        if unexpected:
+            self.unet.delete_adapters(name)
+            raise ValueError(f"adapters: {name!r} has LoRA weights for modules this model lacks: {unexpected[:3]}")
+        self.unet.eval()
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise ValueError(f"adapters: {name!r} is not loaded")
+        self.unet.delete_adapters(name)
+        self.prior.delete_adapter(name)
+        del self._adapters[name]
+
+    def _evict(self, keep: set[str]) -> None:
+        while len(self._adapters) > self.max_loaded_adapters:
+            victim = next((n for n in self._adapters if n not in keep), None)
+            if victim is None:
+                return
+            self.unload_adapter(victim)
+
+    def _activate(self, adapters: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+        """Make exactly these adapters active (others stay loaded but off)."""
+        active: list[tuple[str, float]] = []
+        for ref, scale in adapters:
+            name = ref if ref in self._adapters else self.load_adapter(ref)
+            self._adapters.move_to_end(name)
+            active.append((name, float(scale)))
+        self._evict(keep={n for n, _ in active})
+        if active:
+            self.unet.enable_lora()
+            self.unet.set_adapters([n for n, _ in active], weights=[s for _, s in active])
+        elif self._adapters:
+            self.unet.disable_lora()
+        self.prior.set_active(active)
+        return active
+
+    # ------------------------------------------------------------------------------------------------------------
+    # generation
+    def check_inputs(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                     num_inference_steps: int = 25, guidance_scale: float = 7.5, height: int | None = None,
+                     width: int | None = None, num_images_per_prompt: int = 1, scheduler: str | None = None,
+                     adapters: Sequence[tuple[str, float]] = (), seed: int | None = None) -> None:
+        """Reject bad input before any model work, naming the field."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt: must be a string or a non-empty list of strings")
+        negs = [] if negative_prompt is None else [negative_prompt] if isinstance(negative_prompt, str) \
+            else negative_prompt
+        if not isinstance(negs, list) or not all(isinstance(p, str) for p in negs):
+            raise ValueError("negative_prompt: must be a string or a list of strings")
+        if negs and len(negs) != len(prompts):
+            raise ValueError(f"negative_prompt: {len(negs)} given for {len(prompts)} prompts")
+        for fname, texts in (("prompt", prompts), ("negative_prompt", negs)):
+            for text in texts:
+                n = self.count_tokens(text)
+                if n > self.max_prompt_tokens:
+                    raise ValueError(f"{fname}: {n} tokens, the text encoder takes at most {self.max_prompt_tokens}")
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
+            raise ValueError(f"num_inference_steps: must be an integer in [1, 1000], got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not 0 <= guidance_scale <= 50:
+            raise ValueError(f"guidance_scale: must be in [0, 50], got {guidance_scale!r}")
+        for fname, v in (("height", height), ("width", width)):
+            if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
+                raise ValueError(f"{fname}: must be a positive multiple of 8, got {v!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt: must be a positive integer, got {num_images_per_prompt!r}")
+        if scheduler is not None:
+            check_scheduler_name(scheduler)
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed: must be an integer in [0, 2^63), got {seed!r}")
+        for item in adapters:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], (int, float))):
+                raise ValueError(f"adapters: each entry must be (name or folder, scale), got {item!r}")
+            if not -10 <= float(item[1]) <= 10:
+                raise ValueError(f"adapters: scale for {item[0]!r} must be in [-10, 10], got {item[1]!r}")
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None,
+                      do_classifier_free_guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text encoder (diffusers' own encode_prompt, unchanged) then the prior, for both branches."""
+        pe, npe = self._sd.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance,
+                                         negative_prompt=negative_prompts)  # (B, 77, D) each
+        pe = self.prior(pe.to(self.prior.dtype))  # (B, 77, D_cross)
+        npe = self.prior(npe.to(self.prior.dtype)) if npe is not None else None
+        return pe, npe
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 num_inference_steps: int = 25, guidance_scale: float = 7.5, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, scheduler: str | None = None,
+                 adapters: Sequence[tuple[str, float]] = (), callback: StepCallback | None = None,
+                 output_type: str = "pil", eta: float = 0.0) -> GenerationOutput:
+        """Generate images. Image i uses seed `seed + i`, so any one image can be re-made on its own."""
+        # 1. check inputs (before any model work)
+        self.check_inputs(prompt, negative_prompt, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, height=height, width=width,
+                          num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, adapters=adapters,
+                          seed=seed)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negs = None if negative_prompt is None else [negative_prompt] * len(prompts) \
+            if isinstance(negative_prompt, str) else list(negative_prompt)
+        height, width = height or self.default_height, width or self.default_width
+        n_total = len(prompts) * num_images_per_prompt
+        # 2. adapters (LoRA on the UNet + prior deltas)
+        active = self._activate(adapters)
+        # 3. seeds: one CPU generator per image (device-independent noise, individually reproducible)
+        if generator is None:
+            seed = secrets.randbelow(2**31) if seed is None else seed
+            seeds: list[int | None] = [seed + i for i in range(n_total)]
+            generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        else:
+            seeds = [None] * n_total
+        # 4. encode: text encoder -> prior (the negative prompt too)
+        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        pe, npe = self.encode_prompt(prompts, negs, cfg)
+        # 5. denoise with diffusers' loop and the chosen scheduler
+        sched_name = scheduler or _scheduler_name(self.scheduler)
+        self._sd.scheduler = make_scheduler(scheduler, self.scheduler.config) if scheduler \
+            else self.scheduler.__class__.from_config(self.scheduler.config)
+
+        def on_step_end(sd, i, t, kwargs):
+            if callback is not None:
+                callback(i + 1, sd.num_timesteps)
+            return {}
+
+        out = self._sd(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=num_inference_steps,
+                       guidance_scale=guidance_scale, height=height, width=width,
+                       num_images_per_prompt=num_images_per_prompt, generator=generator, eta=eta,
+                       output_type=output_type, callback_on_step_end=on_step_end)
+        # 6. per-image metadata (what it takes to reproduce each image)
+        meta = []
+        for i in range(n_total):
+            p = i // num_images_per_prompt
+            meta.append(dict(prompt=prompts[p], negative_prompt=negs[p] if negs else "", seed=seeds[i],
+                             steps=num_inference_steps, guidance_scale=float(guidance_scale), width=width,
+                             height=height, scheduler=sched_name, eta=eta,
+                             adapters=[[n, s] for n, s in active], model=self.model_id,
+                             model_hash=self.model_hash, index=i))
+        return GenerationOutput(images=out.images, metadata=meta)
+
+
+def _scheduler_name(scheduler) -> str:
+    for name, (cls, extra) in SCHEDULERS.items():
+        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items()):
+            return name
+    return type(scheduler).__name__
+
+
+def _mtime(adapter_dir: Path) -> int:
+    try:
+        return (adapter_dir / "adapter.safetensors").stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _load_scheduler(model: str) -> SchedulerMixin:
+    import diffusers
+
+    config = diffusers.DDIMScheduler.load_config(model, subfolder="scheduler")  # any scheduler class reads it
+    cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), None)
+    if cls is None or not issubclass(cls, SchedulerMixin):
+        raise ValueError(f"model: unknown scheduler class {config.get('_class_name')!r} in {model}/scheduler")
+    return cls.from_config(config)
+
+
+def _load_prior(model: str, is_local: bool, dtype: torch.dtype) -> Prior | None:
+    if is_local:
+        if not (Path(model) / "prior" / "config.json").is_file():
+            return None  # a plain SD folder: identity prior
+        return Prior.from_pretrained(model, subfolder="prior", torch_dtype=dtype, use_safetensors=True)
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Prior.from_pretrained(model, subfolder="prior", torch_dtype=dtype, use_safetensors=True)
+    except (EntryNotFoundError, OSError) as e:
+        if isinstance(e, EntryNotFoundError) or "does not appear to have" in str(e) or "no file named" in str(e):
+            return None  # a stock SD hub repo has no prior/: identity
+        raise
