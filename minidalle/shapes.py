@@ -225,7 +225,7 @@ def write_imagefolder(
 ) -> Path:
     """Write `n` PNGs plus `metadata.jsonl` ({"file_name", "text"}: the HF imagefolder layout)."""
     images, combos = make_dataset(n, seed=seed, split=split, resolution=resolution, progress=True)
-    return _write(out_dir, [(img, c.caption) for img, c in zip(images, combos)])
+    return _write(out_dir, [(img, c.caption) for img, c in zip(images, combos, strict=True)])
 
 
 def concept_dataset(
@@ -253,4 +253,4 @@ def write_concept_imagefolder(
     out_dir: str | Path, n: int = 12, *, seed: int = 0, concept: Concept = Concept(), resolution: int = 32
 ) -> Path:
     images, captions = concept_dataset(n, seed=seed, concept=concept, resolution=resolution)
-    return _write(out_dir, list(zip(images, captions)))
+    return _write(out_dir, list(zip(images, captions, strict=True)))
