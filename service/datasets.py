@@ -1,0 +1,238 @@
+"""Safe extraction and validation of an uploaded dataset zip (Pillow only; no torch).
+
+Nothing is written outside the dataset's own folder: member names are checked (no `..`, no absolute paths, no links,
+no device files), files are created exclusively under a fresh temporary folder, and byte counts are enforced while
+copying (a member's header may lie about its size). The folder is renamed into `datasets/{id}/` only when everything
+passed, so a rejected upload leaves nothing behind.
+
+Layouts (the same as `minidalle.data.scan_dataset` reads): `metadata.jsonl` lines `{"file_name": ..., "text": ...}`
+next to the images, or kohya-style `img.png` + `img.txt` pairs; folders inside the zip are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from PIL import Image
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "MPO"}
+CAPTION_EXT = ".txt"
+METADATA_FILE = "metadata.jsonl"
+INFO_FILE = "dataset.json"
+CHUNK = 1 << 20
+
+
+class UploadRejected(Exception):
+    """A bad upload: `status` for the HTTP answer, `message` names the field and the offending member."""
+
+    def __init__(self, message: str, *, status: int = 422, field: str = "file"):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+@dataclass
+class Limits:
+    max_members: int
+    max_uncompressed_bytes: int
+    max_image_pixels: int
+
+
+@dataclass
+class Extracted:
+    dataset_id: str
+    path: Path
+    images: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def _member_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
+    """The member's safe relative path, None for a directory entry; raises for anything unsafe."""
+    name = info.filename
+    mode = info.external_attr >> 16
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFLNK:
+        raise UploadRejected(f"file: member {name!r} is a symbolic link; links are not allowed")
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise UploadRejected(f"file: member {name!r} is not a regular file")
+    if "\x00" in name:
+        raise UploadRejected(f"file: member {name!r} has a NUL byte in its name")
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        raise UploadRejected(f"file: member {name!r} has an absolute path")
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UploadRejected(f"file: member {name!r} points outside the archive ('..')")
+    if info.is_dir() or kind == stat.S_IFDIR or not parts:
+        return None
+    return PurePosixPath(*parts)
+
+
+def _ignored(rel: PurePosixPath) -> bool:
+    # macOS resource forks and hidden files (.DS_Store) come with zips made in a file manager
+    return rel.parts[0] == "__MACOSX" or any(p.startswith(".") for p in rel.parts)
+
+
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int) -> int:
+    """Copy one member, counting real bytes; returns the bytes written."""
+    written = 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out = open(target, "xb")  # exclusive: a duplicate member name can't overwrite
+    except FileExistsError as e:
+        raise UploadRejected(f"file: member {info.filename!r} appears twice in the archive") from e
+    with out, zf.open(info) as src:
+        while chunk := src.read(CHUNK):
+            written += len(chunk)
+            if written > info.file_size or written > budget:
+                raise UploadRejected(f"file: member {info.filename!r} expands beyond its declared size "
+                                     "or the archive's size limit")
+    return written
+
+
+def _check_image(path: Path, name: str, max_pixels: int) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise UploadRejected(f"file: member {name!r} is {w}x{h} = {w * h} pixels; at most "
+                                         f"{max_pixels} are allowed (decompression bomb?)")
+                if im.format not in IMAGE_FORMATS:
+                    raise UploadRejected(f"file: member {name!r} is a {im.format} image; use PNG, JPEG, WEBP or BMP")
+                im.load()  # decode it all: truncated or corrupt data fails here, not in the trainer
+    except UploadRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UploadRejected(f"file: member {name!r} is a decompression bomb ({e})") from e
+    except Exception as e:  # noqa: BLE001 - any decoder error means "not a valid image"
+        raise UploadRejected(f"file: member {name!r} is not a valid image ({type(e).__name__}: {e})") from e
+
+
+def _read_metadata(path: Path, rel: PurePosixPath, images: set[PurePosixPath]) -> dict[PurePosixPath, str]:
+    captions: dict[PurePosixPath, str] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UploadRejected(f"file: member {str(rel)!r} is not UTF-8 text") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UploadRejected(f"file: member {str(rel)!r} line {n}: invalid JSON ({e.msg})") from e
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(
+                row.get("text"), str):
+            raise UploadRejected(f"file: member {str(rel)!r} line {n}: needs string fields 'file_name' and 'text'")
+        img = rel.parent / PurePosixPath(row["file_name"].replace("\\", "/"))
+        if img not in images:
+            raise UploadRejected(f"file: member {str(rel)!r} line {n}: file_name {row['file_name']!r} is not an "
+                                 "image in the archive")
+        captions[img] = row["text"]
+    return captions
+
+
+def extract_dataset(upload: BinaryIO, datasets_dir: Path, dataset_id: str, limits: Limits) -> Extracted:
+    """Validate and extract into `datasets_dir/dataset_id`, atomically; raises UploadRejected."""
+    try:
+        zf = zipfile.ZipFile(upload)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UploadRejected(f"file: not a zip archive ({e})") from e
+    datasets_dir.mkdir(parents=True, exist_ok=True)
+    tmp = datasets_dir / f".incoming-{dataset_id}"
+    try:
+        with zf:
+            result = _extract(zf, tmp, dataset_id, limits)
+        final = datasets_dir / dataset_id
+        tmp.rename(final)
+        result.path = final
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) -> Extracted:
+    infos = zf.infolist()
+    if len(infos) > limits.max_members:
+        raise UploadRejected(f"file: the archive has {len(infos)} members; at most {limits.max_members} are allowed")
+    declared = sum(i.file_size for i in infos)
+    if declared > limits.max_uncompressed_bytes:
+        raise UploadRejected(f"file: the archive expands to {declared} bytes; at most "
+                             f"{limits.max_uncompressed_bytes} are allowed")
+    notes: list[str] = []
+    members: list[tuple[zipfile.ZipInfo, PurePosixPath, str]] = []
+    ignored = 0
+    for info in infos:
+        rel = _member_path(info)
+        if rel is None:
+            continue
+        if _ignored(rel):
+            ignored += 1
+            continue
+        suffix = rel.suffix.lower()
+        if rel.name == METADATA_FILE:
+            kind = "metadata"
+        elif suffix in IMAGE_EXTS:
+            kind = "image"
+        elif suffix == CAPTION_EXT:
+            kind = "caption"
+        else:
+            raise UploadRejected(f"file: member {info.filename!r} is not an image ({', '.join(sorted(IMAGE_EXTS))}), "
+                                 f"a caption (.txt) or {METADATA_FILE}")
+        members.append((info, rel, kind))
+    if ignored:
+        notes.append(f"ignored {ignored} hidden or __MACOSX member(s)")
+
+    tmp.mkdir(parents=True)
+    root = tmp.resolve()
+    budget = limits.max_uncompressed_bytes
+    for info, rel, _ in members:
+        target = tmp.joinpath(*rel.parts)
+        if not target.resolve().is_relative_to(root):  # belt and braces on top of the name checks
+            raise UploadRejected(f"file: member {info.filename!r} points outside the dataset folder")
+        budget -= _copy_member(zf, info, target, budget)
+
+    images = {rel for _, rel, kind in members if kind == "image"}
+    if not images:
+        raise UploadRejected("file: the archive contains no images")
+    for info, rel, kind in members:
+        if kind == "image":
+            _check_image(tmp.joinpath(*rel.parts), info.filename, limits.max_image_pixels)
+
+    captions: dict[PurePosixPath, str] = {}
+    for _, rel, kind in members:
+        if kind == "metadata":
+            captions.update(_read_metadata(tmp.joinpath(*rel.parts), rel, images))
+    for info, rel, kind in members:
+        if kind != "caption":
+            continue
+        stems = [rel.with_suffix(ext) for ext in IMAGE_EXTS] + [rel.with_suffix(ext.upper()) for ext in IMAGE_EXTS]
+        image = next((s for s in stems if s in images), None)
+        if image is None:
+            notes.append(f"caption {info.filename!r} has no image; ignored")
+            continue
+        try:
+            text = tmp.joinpath(*rel.parts).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise UploadRejected(f"file: member {info.filename!r} is not UTF-8 text") from e
+        captions.setdefault(image, text)
+    for img in sorted(images):
+        if img not in captions:
+            raise UploadRejected(f"file: member {str(img)!r} has no caption; add {str(img.with_suffix('.txt'))!r} "
+                                 f"or a line in {METADATA_FILE}")
+        if not captions[img].strip():
+            notes.append(f"image {str(img)!r} has an empty caption")
+
+    info = {"dataset_id": dataset_id, "images": len(images), "warnings": notes, "created_at": time.time()}
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return Extracted(dataset_id=dataset_id, path=tmp, images=len(images), warnings=notes)

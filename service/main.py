@@ -1,0 +1,55 @@
+"""The FastAPI app: `uvicorn service.main:app`. Never imports torch (tests/service/test_no_torch.py checks)."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CollectorRegistry
+
+from service.middleware import BodySizeLimit, RequestMetrics
+from service.routes import datasets, files, finetune, generate, health, jobs
+from service.settings import ApiSettings, get_settings
+from worker.jobs import JobStore
+
+DESCRIPTION = """Text-to-image generation and LoRA fine-tuning on a queue of GPU workers.
+
+Every job is asynchronous: `POST /generate` or `POST /finetune` answers `202` with links; follow
+`GET /jobs/{id}/events` (Server-Sent Events) or poll `GET /jobs/{id}`. `POST /generate?wait=30` answers with the
+finished job when it ends within 30 s.
+"""
+UPLOAD_PATHS = ("/datasets", "/finetune")
+JSON_BODY_LIMIT = 1 << 20  # a generate request is a few hundred bytes
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        yield
+        await app.state.aredis.aclose()
+        app.state.store.r.close()
+
+    app = FastAPIOffline(title="minidalle", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.store = JobStore.from_settings(settings)
+    app.state.aredis = aioredis.Redis.from_url(settings.broker_url, decode_responses=True)
+    app.state.registry = CollectorRegistry()
+    app.state.registry.register(health.QueueCollector(app.state.store))
+    for module in (generate, finetune, datasets, jobs, files, health):
+        app.include_router(module.router)
+
+    upload_limit = settings.max_upload_bytes + (1 << 20)  # multipart framing and the other form fields
+
+    def limit_for(path: str) -> int:
+        return upload_limit if path in UPLOAD_PATHS else JSON_BODY_LIMIT
+
+    app.add_middleware(BodySizeLimit, limit_for=limit_for)
+    app.add_middleware(RequestMetrics, registry=app.state.registry)
+    return app
+
+
+app = create_app()

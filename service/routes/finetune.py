@@ -1,0 +1,110 @@
+"""POST /finetune: JSON naming a dataset_id, or multipart with the zip itself."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service.deps import ModelInfoDep, SettingsDep, StoreDep
+from service.errors import conflict, invalid
+from service.routes.datasets import UPLOAD_RESPONSES, dataset_path, ingest
+from service.schemas import FinetuneRequest, JobAccepted
+from service.views import accepted
+from worker.celery_app import enqueue
+
+router = APIRouter(tags=["finetune"])
+
+_SCHEMA_REF = {"$ref": "#/components/schemas/FinetuneRequest"}
+_MULTIPART = {
+    "type": "object",
+    "required": ["name", "file"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "The dataset zip."},
+                   "name": {"type": "string"}, "steps": {"type": "integer"}, "learning_rate": {"type": "number"},
+                   "rank": {"type": "integer"}, "alpha": {"type": "number"}, "dropout": {"type": "number"},
+                   "batch_size": {"type": "integer"}, "grad_accum": {"type": "integer"},
+                   "resolution": {"type": "integer"}, "train_prior": {"type": "boolean"},
+                   "validation_prompts": {"type": "array", "items": {"type": "string"}},
+                   "checkpoint_every": {"type": "integer"}, "seed": {"type": "integer"}},
+}
+OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {"schema": _SCHEMA_REF},
+                                                         "multipart/form-data": {"schema": _MULTIPART}}}}
+
+
+@router.post("/finetune", status_code=202, response_model=JobAccepted, openapi_extra=OPENAPI,
+             responses={**UPLOAD_RESPONSES, 404: {"description": "Unknown dataset_id."},
+                        409: {"description": "Adapter name taken."}})
+async def finetune(request: Request, settings: SettingsDep, store: StoreDep, model: ModelInfoDep):
+    """Queue a LoRA (+ prior) fine-tune that publishes adapter `name` when it succeeds."""
+    upload = None
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=64)
+        fields: dict = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "file":
+                    raise invalid(key, "unexpected file field; send the zip as 'file'")
+                upload = value
+            elif key == "validation_prompts":
+                fields.setdefault(key, []).append(value)
+            elif value != "":  # an empty form field means "not given"
+                fields[key] = value
+        req = _validate(fields)
+        if upload is None and req.dataset_id is None:
+            raise invalid("file", "upload the dataset zip as 'file' or give a dataset_id")
+    else:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise invalid("body", f"not valid JSON ({e})") from e
+        req = _validate(body)
+        if req.dataset_id is None:
+            raise invalid("dataset_id", "required (or post multipart/form-data with the zip as 'file')")
+    _check_caps(req, settings, model)
+    if upload is None:
+        dataset_path(settings, req.dataset_id)  # 404 when unknown
+        return await run_in_threadpool(_submit, req, settings, store)
+    ds = await ingest(upload, settings)  # a bad zip is rejected before any job exists
+    return await run_in_threadpool(_submit, req.model_copy(update={"dataset_id": ds.dataset_id}), settings, store)
+
+
+def _validate(data) -> FinetuneRequest:
+    try:
+        return FinetuneRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+
+
+def _check_caps(req: FinetuneRequest, settings, model) -> None:
+    if req.steps > settings.max_train_steps:
+        raise invalid("steps", f"at most {settings.max_train_steps}", req.steps)
+    if req.resolution is not None and req.resolution > settings.max_train_resolution:
+        raise invalid("resolution", f"at most {settings.max_train_resolution}", req.resolution)
+    if req.checkpoint_every is not None and req.checkpoint_every > req.steps:
+        raise invalid("checkpoint_every", f"at most steps ({req.steps})", req.checkpoint_every)
+    for i, text in enumerate(req.validation_prompts):
+        n = model.count_tokens(text)
+        if n > model.max_prompt_tokens:
+            raise invalid(f"validation_prompts.{i}", f"{n} tokens; the text encoder takes at most "
+                          f"{model.max_prompt_tokens}", n)
+    if (settings.data_dir / "adapters" / req.name).exists():
+        raise conflict(f"name: adapter {req.name!r} already exists")
+
+
+def _submit(req: FinetuneRequest, settings, store):
+    from worker.jobs import new_job_id
+
+    job_id = new_job_id()
+    if not store.reserve_adapter_name(req.name, job_id):
+        raise conflict(f"name: adapter {req.name!r} is being trained by another job")
+    if (settings.data_dir / "adapters" / req.name).exists():  # published between the check and the hold
+        store.release_adapter_name(req.name, job_id)
+        raise conflict(f"name: adapter {req.name!r} already exists")
+    store.create("finetune", req.model_dump(), job_id=job_id)
+    enqueue("finetune", job_id)
+    store.mark_enqueued(job_id)
+    return accepted(job_id)

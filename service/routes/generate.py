@@ -1,0 +1,64 @@
+"""POST /generate."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from service.deps import ModelInfoDep, SettingsDep, StoreDep
+from service.errors import invalid, not_found
+from service.schemas import GenerateRequest, JobAccepted
+from service.views import accepted, wait_for_end
+from worker.celery_app import enqueue
+
+router = APIRouter(tags=["generate"])
+
+
+@router.post("/generate", status_code=202, response_model=JobAccepted,
+             responses={200: {"model": JobAccepted, "description": "Finished within `wait` seconds."},
+                        404: {"description": "An adapter named in `adapters` does not exist."},
+                        422: {"description": "Invalid field (the message names it)."}})
+def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep, model: ModelInfoDep,
+             wait: float = Query(0, ge=0, description="Seconds to wait for the images before answering 202.")):
+    """Queue a text-to-image job; 202 with its links, or 200 with the finished job when it ends within `wait`."""
+    check_generate(req, settings, model)
+    if wait > settings.max_wait_s:
+        raise invalid("wait", f"at most {settings.max_wait_s} seconds", wait, where="query")
+    request = req.model_dump()
+    if request["seed"] is None:  # chosen here so a re-delivered job makes the same images
+        request["seed"] = secrets.randbelow(2**31)
+    job_id = store.create("generate", request)
+    enqueue("generate", job_id)
+    store.mark_enqueued(job_id)
+    if wait and wait_for_end(store, job_id, wait):
+        job = store.get(job_id)
+        return JSONResponse(accepted(job_id, job["state"], job), status_code=200)
+    return accepted(job_id)
+
+
+def check_generate(req: GenerateRequest, settings, model) -> None:
+    """The configurable caps, the token limit and adapter existence (the model bounds are in the schema)."""
+    if req.num_images > settings.max_images:
+        raise invalid("num_images", f"at most {settings.max_images}", req.num_images)
+    if req.num_inference_steps > settings.max_steps:
+        raise invalid("num_inference_steps", f"at most {settings.max_steps}", req.num_inference_steps)
+    if req.width is not None and req.width > settings.max_width:
+        raise invalid("width", f"at most {settings.max_width}", req.width)
+    if req.height is not None and req.height > settings.max_height:
+        raise invalid("height", f"at most {settings.max_height}", req.height)
+    width, height = req.width or model.default_size, req.height or model.default_size
+    cost = width * height * req.num_inference_steps * req.num_images
+    if cost > settings.max_cost:
+        raise invalid("num_inference_steps", f"width × height × num_inference_steps × num_images = {width} × "
+                      f"{height} × {req.num_inference_steps} × {req.num_images} = {cost} exceeds the cap of "
+                      f"{settings.max_cost}; lower one of them", cost)
+    for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        if text:
+            n = model.count_tokens(text)
+            if n > model.max_prompt_tokens:
+                raise invalid(name, f"{n} tokens; the text encoder takes at most {model.max_prompt_tokens}", n)
+    for i, ref in enumerate(req.adapters):
+        if not (settings.data_dir / "adapters" / ref.name / "adapter.json").is_file():
+            raise not_found(f"adapters.{i}.name: adapter {ref.name!r} not found")

@@ -1,0 +1,90 @@
+"""GET /jobs, GET /jobs/{id}, POST /jobs/{id}/cancel, GET /jobs/{id}/events (Server-Sent Events)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from fastapi import APIRouter, Header, Query
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette.sse import EventSourceResponse
+
+from service.deps import AsyncRedisDep, SettingsDep, StoreDep
+from service.errors import conflict, not_found
+from service.schemas import CancelResult, Job, JobList
+from service.views import public_job
+from worker.celery_app import app as celery_app
+from worker.jobs import TERMINAL, JobStore, events_key, job_key
+
+router = APIRouter(tags=["jobs"])
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+STREAM_ID_RE = re.compile(r"^\d+-\d+$")
+
+
+def _get(store: JobStore, job_id: str) -> dict:
+    job = store.get(job_id) if JOB_ID_RE.match(job_id) else None
+    if job is None:
+        raise not_found(f"job_id: job {job_id!r} not found")
+    return job
+
+
+@router.get("/jobs", response_model=JobList)
+def list_jobs(store: StoreDep, kind: Literal["generate", "finetune"] | None = None,
+              state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+              limit: int = Query(50, ge=1, le=500)):
+    """Jobs, newest first, optionally filtered by kind and state."""
+    return {"jobs": [public_job(j) for j in store.list(kind=kind, state=state, limit=limit)]}
+
+
+@router.get("/jobs/{job_id}", response_model=Job, responses={404: {"description": "Unknown job."}})
+def get_job(job_id: str, store: StoreDep):
+    """A job's state, progress, result links and error."""
+    return public_job(_get(store, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=CancelResult,
+             responses={404: {"description": "Unknown job."}, 409: {"description": "The job already ended."}})
+def cancel_job(job_id: str, store: StoreDep):
+    """Cancel: a queued job never starts; a running one stops at its next step (a fine-tune keeps its checkpoint)."""
+    job = _get(store, job_id)
+    outcome = store.cancel(job_id)
+    if outcome == "missing":
+        raise not_found(f"job_id: job {job_id!r} not found")
+    if outcome == "finished":
+        raise conflict(f"job_id: job {job_id!r} already ended ({store.get(job_id)['state']})")
+    if outcome == "cancelled":
+        celery_app.control.revoke(job_id)  # drop the queued message early; the record already says cancelled
+        if job["kind"] == "finetune":
+            store.release_adapter_name(job["request"]["name"], job_id)
+        return {"job_id": job_id, "state": "cancelled", "detail": "cancelled before it started"}
+    return {"job_id": job_id, "state": "running", "detail": "cancel requested; the worker stops at its next step"}
+
+
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "queued, started, progress…, then succeeded | failed | cancelled"},
+                       404: {"description": "Unknown job."}})
+async def job_events(job_id: str, store: StoreDep, aredis: AsyncRedisDep, settings: SettingsDep,
+                     last_event_id: str | None = Header(None)):
+    """Server-Sent Events from the job's start (a late listener gets what it missed); ends after the final event."""
+    await run_in_threadpool(_get, store, job_id)
+    start = last_event_id if last_event_id and STREAM_ID_RE.match(last_event_id) else "0"
+    return EventSourceResponse(_stream(aredis, job_id, start, settings.sse_ping_s), ping=int(settings.sse_ping_s))
+
+
+async def _stream(aredis, job_id: str, last: str, block_s: float):
+    key = events_key(job_id)
+    while True:
+        resp = await aredis.xread({key: last}, block=int(block_s * 1000), count=200)
+        if not resp:
+            if not await aredis.exists(job_key(job_id)):  # expired while we listened
+                return
+            continue
+        for _key, entries in resp:
+            for event_id, fields in entries:
+                last = event_id
+                kind = fields.get("type", "message")
+                yield {"event": kind, "id": event_id, "data": fields.get("data") or json.dumps({})}
+                if kind in TERMINAL:
+                    return

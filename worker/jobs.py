@@ -1,0 +1,375 @@
+"""Job records and event streams in Redis: the truth about every job. Torch-free (the API uses it too).
+
+    minidalle:job:{id}          hash: id kind state request attempts worker heartbeat_at progress result error ...
+    minidalle:job:{id}:events   stream: one entry per event {type, data(json)}; capped, expires with the job
+    minidalle:jobs              zset: job ids by creation time (listing)
+    minidalle:jobs:active       set: ids of queued/running jobs (reconciler, metrics)
+    minidalle:stats             hash: "{kind}:{state}" -> count of jobs that ended in that state
+    minidalle:worker:{name}     string (TTL): a worker's presence and readiness (see worker.presence)
+
+State changes that must not race (claim, cancel, finish, requeue) are Lua scripts, so they are atomic; times in
+them come from Redis' clock, so staleness never depends on two machines' clocks agreeing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+PREFIX = "minidalle:"
+INDEX_KEY = PREFIX + "jobs"
+ACTIVE_KEY = PREFIX + "jobs:active"
+STATS_KEY = PREFIX + "stats"
+WORKER_KEY = PREFIX + "worker:"
+RECONCILER_LOCK = PREFIX + "reconciler"
+ADAPTER_RESERVATION = PREFIX + "adapter-reserved:"
+
+KINDS = ("generate", "finetune")
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:events"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+_NOW = "local _t = redis.call('TIME'); local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000\n"
+
+# KEYS: job, events, active, stats; ARGV: state, result_json, error, ttl, maxlen, event_data_json, job_id
+_FINISH_BODY = """
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', tostring(now), 'result', ARGV[2], 'error', ARGV[3])
+redis.call('HDEL', KEYS[1], 'worker')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', ARGV[1], 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('SREM', KEYS[3], ARGV[7])
+redis.call('HINCRBY', KEYS[4], redis.call('HGET', KEYS[1], 'kind') .. ':' .. ARGV[1], 1)
+"""
+
+FINISH = (
+    _NOW
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 0 end
+if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
+"""
+    + _FINISH_BODY
+    + "return 1"
+)
+
+# Same KEYS/ARGV as FINISH (state = 'cancelled'); a queued job ends now, a running one is asked to stop.
+CANCEL = (
+    _NOW
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 'finished' end
+if state == 'running' then
+  if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
+    redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', 'cancel_requested', 'data', '{}')
+  end
+  return 'requested'
+end
+"""
+    + _FINISH_BODY
+    + "return 'cancelled'"
+)
+
+# KEYS: job, events; ARGV: worker, stale_after, max_attempts, maxlen
+CLAIM = (
+    _NOW
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', ''} end
+if state ~= 'queued' and state ~= 'running' then return {'finished', state} end
+if state == 'running' then
+  local hb = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at') or '0')
+  if now - hb < tonumber(ARGV[2]) then return {'busy', redis.call('HGET', KEYS[1], 'worker') or ''} end
+end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel', ''} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[3]) then return {'exhausted', tostring(attempts - 1)} end
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'heartbeat_at', tostring(now), 'enqueued', '1')
+if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', tostring(now)) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'started',
+  'data', cjson.encode({attempt = attempts, worker = ARGV[1]}))
+return {'run', tostring(attempts)}
+"""
+)
+
+# KEYS: job; ARGV: worker. 1 while this worker still owns the running job, else 0.
+HEARTBEAT = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'heartbeat_at', tostring(now))
+return 1
+"""
+)
+
+# KEYS: job, events, active; ARGV: stale_after, max_attempts, maxlen, enqueue_grace, job_id
+RECONCILE = (
+    _NOW
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'succeeded' or state == 'failed' or state == 'cancelled' then
+  redis.call('SREM', KEYS[3], ARGV[5])
+  return 'gone'
+end
+if state == 'running' then
+  local hb = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at') or '0')
+  if now - hb < tonumber(ARGV[1]) then return 'ok' end
+  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+  if attempts >= tonumber(ARGV[2]) then return 'exhausted' end
+  if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'enqueued', '1')
+  redis.call('HDEL', KEYS[1], 'worker')
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', 'requeued',
+    'data', cjson.encode({reason = 'worker heartbeat stale', attempts = attempts}))
+  return 'requeue'
+end
+if redis.call('HGET', KEYS[1], 'enqueued') ~= '1' then
+  local created = tonumber(redis.call('HGET', KEYS[1], 'created_at') or '0')
+  if now - created < tonumber(ARGV[4]) then return 'ok' end
+  redis.call('HSET', KEYS[1], 'enqueued', '1')
+  return 'enqueue'
+end
+return 'ok'
+"""
+)
+
+# KEYS: reservation; ARGV: holder. Compare-and-delete.
+RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def image_url(job_id: str, index: int) -> str:
+    return f"/images/{job_id}/{index}.png"
+
+
+def adapter_url(name: str) -> str:
+    return f"/adapters/{name}"
+
+
+@dataclass
+class Claim:
+    outcome: str  # run | missing | finished | busy | cancel | exhausted
+    detail: str
+
+
+def _loads(value: str | None) -> Any:
+    return json.loads(value) if value else None
+
+
+class JobStore:
+    """Job records over one synchronous Redis client (decode_responses=True)."""
+
+    def __init__(self, client: redis.Redis, *, ttl_s: int, events_maxlen: int):
+        self.r = client
+        self.ttl_s = ttl_s
+        self.maxlen = events_maxlen
+        self._finish = client.register_script(FINISH)
+        self._cancel = client.register_script(CANCEL)
+        self._claim = client.register_script(CLAIM)
+        self._heartbeat = client.register_script(HEARTBEAT)
+        self._reconcile = client.register_script(RECONCILE)
+        self._release = client.register_script(RELEASE)
+
+    @classmethod
+    def from_settings(cls, settings) -> JobStore:
+        client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
+        return cls(client, ttl_s=settings.job_ttl_s, events_maxlen=settings.events_maxlen)
+
+    # -- API side -----------------------------------------------------------------------------------------
+    def create(self, kind: str, request: dict, *, job_id: str | None = None) -> str:
+        """Write the record (state queued, not yet enqueued) and its `queued` event, before any enqueue."""
+        job_id = job_id or new_job_id()
+        now = time.time()
+        p = self.r.pipeline(transaction=True)
+        p.hset(
+            job_key(job_id),
+            mapping={
+                "id": job_id,
+                "kind": kind,
+                "state": "queued",
+                "request": json.dumps(request),
+                "created_at": repr(now),
+                "attempts": 0,
+                "enqueued": 0,
+            },
+        )
+        p.zadd(INDEX_KEY, {job_id: now})
+        p.sadd(ACTIVE_KEY, job_id)
+        p.xadd(events_key(job_id), {"type": "queued", "data": json.dumps({"kind": kind})}, maxlen=self.maxlen)
+        p.execute()
+        return job_id
+
+    def mark_enqueued(self, job_id: str) -> None:
+        self.r.hset(job_key(job_id), "enqueued", 1)
+
+    def cancel(self, job_id: str) -> str:
+        """'cancelled' (was queued), 'requested' (running: the worker stops at its next step), 'finished', 'missing'."""
+        data = json.dumps({"reason": "cancelled before it started"})
+        return self._cancel(
+            keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY],
+            args=["cancelled", "null", "", self.ttl_s, self.maxlen, data, job_id],
+        )
+
+    def get(self, job_id: str) -> dict | None:
+        raw = self.r.hgetall(job_key(job_id))
+        return decode_job(raw) if raw else None
+
+    def list(self, *, kind: str | None = None, state: str | None = None, limit: int = 50) -> list[dict]:
+        """Newest first; filters are applied while paging through the index, so the scan stops at `limit`."""
+        out: list[dict] = []
+        start, page = 0, max(limit, 100)
+        while len(out) < limit:
+            ids = self.r.zrevrange(INDEX_KEY, start, start + page - 1)
+            if not ids:
+                break
+            p = self.r.pipeline(transaction=False)
+            for job_id in ids:
+                p.hgetall(job_key(job_id))
+            expired = []
+            for job_id, raw in zip(ids, p.execute(), strict=True):
+                if not raw:
+                    expired.append(job_id)
+                    continue
+                job = decode_job(raw)
+                if (kind is None or job["kind"] == kind) and (state is None or job["state"] == state):
+                    out.append(job)
+                    if len(out) == limit:
+                        break
+            if expired:
+                self.r.zrem(INDEX_KEY, *expired)
+                start -= len(expired)
+            start += len(ids)
+        return out
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Jobs by (kind, state): live ones counted from the active set, ended ones from the stats counters."""
+        counts = {(k, s): 0 for k in KINDS for s in STATES}
+        for field, value in self.r.hgetall(STATS_KEY).items():
+            k, _, s = field.partition(":")
+            counts[(k, s)] = int(value)
+        ids = list(self.r.smembers(ACTIVE_KEY))
+        p = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            p.hmget(job_key(job_id), "kind", "state")
+        for kind, state in p.execute():
+            if kind and state in ("queued", "running"):
+                counts[(kind, state)] += 1
+        return counts
+
+    def events(self, job_id: str, after: str = "0") -> list[tuple[str, str, dict]]:
+        """(stream id, type, data) of the events after `after`, oldest first."""
+        lo = "-" if after == "0" else f"({after}"
+        return [decode_event(eid, f) for eid, f in self.r.xrange(events_key(job_id), min=lo)]
+
+    def reserve_adapter_name(self, name: str, job_id: str) -> bool:
+        """Hold an adapter name for a fine-tune until it ends; False if a live job holds it."""
+        key = ADAPTER_RESERVATION + name
+        if self.r.set(key, job_id, nx=True):
+            return True
+        holder = self.r.get(key)
+        job = self.get(holder) if holder else None
+        if job is not None and job["state"] not in TERMINAL:
+            return False
+        if holder:  # a stale hold (its job ended without releasing it): take it over
+            self._release(keys=[key], args=[holder])
+        return bool(self.r.set(key, job_id, nx=True))
+
+    def release_adapter_name(self, name: str, job_id: str) -> None:
+        self._release(keys=[ADAPTER_RESERVATION + name], args=[job_id])
+
+    # -- worker side --------------------------------------------------------------------------------------
+    def claim(self, job_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Claim:
+        outcome, detail = self._claim(
+            keys=[job_key(job_id), events_key(job_id)],
+            args=[worker, stale_after_s, max_attempts, self.maxlen],
+        )
+        return Claim(outcome, detail)
+
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        return bool(self._heartbeat(keys=[job_key(job_id)], args=[worker]))
+
+    def add_event(self, job_id: str, type_: str, data: dict | None = None) -> str:
+        return self.r.xadd(events_key(job_id), {"type": type_, "data": json.dumps(data or {})},
+                           maxlen=self.maxlen)
+
+    def progress(self, job_id: str, worker: str, data: dict, *, event: str = "progress") -> tuple[bool, bool]:
+        """Publish a progress event and record it; returns (cancel_requested, still_owned) in the same round trip."""
+        p = self.r.pipeline(transaction=False)
+        p.xadd(events_key(job_id), {"type": event, "data": json.dumps(data)}, maxlen=self.maxlen)
+        if event == "progress":
+            p.hset(job_key(job_id), "progress", json.dumps(data))
+        p.hmget(job_key(job_id), "cancel_requested", "worker", "state")
+        cancel, owner, state = p.execute()[-1]
+        return cancel == "1", owner == worker and state == "running"
+
+    def should_stop(self, job_id: str, worker: str) -> tuple[bool, bool]:
+        cancel, owner, state = self.r.hmget(job_key(job_id), "cancel_requested", "worker", "state")
+        return cancel == "1", owner == worker and state == "running"
+
+    def finish(self, job_id: str, state: str, *, result: dict | None = None, error: str = "") -> bool:
+        """Terminal transition (once): record, final event, expiry, stats. False if it had already ended."""
+        data: dict[str, Any] = {"result": result} if result is not None else {}
+        if error:
+            data["error"] = error
+        return bool(
+            self._finish(
+                keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY],
+                args=[state, json.dumps(result), error, self.ttl_s, self.maxlen, json.dumps(data), job_id],
+            )
+        )
+
+    def reconcile_one(self, job_id: str, *, stale_after_s: float, max_attempts: int,
+                      enqueue_grace_s: float) -> str:
+        return self._reconcile(
+            keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY],
+            args=[stale_after_s, max_attempts, self.maxlen, enqueue_grace_s, job_id],
+        )
+
+    def active_ids(self) -> list[str]:
+        return list(self.r.smembers(ACTIVE_KEY))
+
+
+def decode_job(raw: dict[str, str]) -> dict:
+    def num(name: str) -> float | None:
+        v = raw.get(name)
+        return float(v) if v else None
+
+    return {
+        "id": raw["id"],
+        "kind": raw["kind"],
+        "state": raw["state"],
+        "request": _loads(raw.get("request")),
+        "created_at": num("created_at"),
+        "started_at": num("started_at"),
+        "finished_at": num("finished_at"),
+        "heartbeat_at": num("heartbeat_at"),
+        "attempts": int(raw.get("attempts") or 0),
+        "worker": raw.get("worker") or None,
+        "cancel_requested": raw.get("cancel_requested") == "1",
+        "progress": _loads(raw.get("progress")),
+        "result": _loads(raw.get("result")),
+        "error": raw.get("error") or None,
+    }
+
+
+def decode_event(event_id: str, fields: dict[str, str]) -> tuple[str, str, dict]:
+    return event_id, fields.get("type", "message"), json.loads(fields.get("data") or "{}")
