@@ -1,0 +1,167 @@
+"""Quality evaluation of a model on the shapes task: does the image obey the prompt?
+
+`evaluate(model)` generates every held-out prompt (combinations never trained on) with fixed seeds and lets the
+deterministic judge (`minidalle.judge`) read shape colour, background colour and shape from each image.
+`judge_dataset_accuracy()` checks the judge on real dataset images and `vae_ceiling(model)` on the model's VAE
+reconstructions of them — the best any generation through that VAE could score.
+
+`minidalle eval [--model M] [--json] [--seeds 0,1,2,3] [--steps 25] [--guidance 3]` prints a table or one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from minidalle import shapes
+from minidalle.judge import judge
+
+DEFAULT_SEEDS = (0, 1, 2, 3)
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 3.0  # strong enough to bind colours to words; higher over-saturates the tiny model
+_FIELDS = ("shape_color", "background_color", "shape")
+
+
+def _load(pipe_or_model):
+    from minidalle.pipeline import MiniDallePipeline
+
+    if isinstance(pipe_or_model, MiniDallePipeline):
+        return pipe_or_model
+    if pipe_or_model is None or isinstance(pipe_or_model, str) or hasattr(pipe_or_model, "__fspath__"):
+        return MiniDallePipeline.from_pretrained(None if pipe_or_model is None else str(pipe_or_model),
+                                                 device="cpu")
+    raise ValueError(f"model: expected a MiniDallePipeline or a model folder / hub id, got {type(pipe_or_model)}")
+
+
+def _score(images, expected: Sequence[tuple[str, str, str]]) -> dict:
+    """Judge images against expected (shape_color, shape, background_color) triples."""
+    right = dict.fromkeys(_FIELDS, 0)
+    all_right = 0
+    verdicts = []
+    for img, (color, shape, bg) in zip(images, expected, strict=True):
+        v = judge(img)
+        hits = dict(shape_color=v.shape_color == color, background_color=v.background_color == bg,
+                    shape=v.shape == shape)
+        for k in _FIELDS:
+            right[k] += hits[k]
+        all_right += all(hits.values())
+        verdicts.append(v)
+    n = len(expected)
+    out = {f"{k}_accuracy": right[k] / n for k in _FIELDS}
+    out["all_accuracy"] = all_right / n
+    out.update({f"{k}_correct": right[k] for k in _FIELDS}, n_images=n)
+    out["mean_iou"] = float(np.mean([v.iou for v in verdicts])) if verdicts else 0.0
+    return out
+
+
+def generate_grid(pipe, prompts: Sequence[str], *, seeds: Sequence[int], steps: int, guidance: float,
+                  adapters: Sequence[tuple[str, float]] = (), batch: int = 64, progress: bool = True) -> list:
+    """Images for every (seed, prompt), seed-major; image (seed, prompt) depends on nothing else."""
+    jobs = [(s, p) for s in seeds for p in prompts]
+    images = []
+    for i in tqdm(range(0, len(jobs), batch), desc="eval", disable=not progress, dynamic_ncols=True):
+        chunk = jobs[i : i + batch]
+        gens = [torch.Generator("cpu").manual_seed(s) for s, _ in chunk]
+        out = pipe([p for _, p in chunk], negative_prompt=[""] * len(chunk), num_inference_steps=steps,
+                   guidance_scale=guidance, generator=gens, adapters=adapters)
+        images.extend(out.images)
+    return images
+
+
+def evaluate(pipe_or_model_path=None, *, seeds: Sequence[int] = DEFAULT_SEEDS,
+             prompts: Sequence[shapes.Combo] | None = None, steps: int = DEFAULT_STEPS,
+             guidance: float = DEFAULT_GUIDANCE, adapters: Sequence[tuple[str, float]] = (),
+             progress: bool = True) -> dict:
+    """Accuracy of shape colour / background colour / shape on `prompts` (default: every held-out combination)."""
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds: must be a non-empty list of non-negative ints, got {seeds!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: must be a positive int, got {steps!r}")
+    combos = list(shapes.heldout_combos() if prompts is None else prompts)
+    if not combos or not all(isinstance(c, shapes.Combo) for c in combos):
+        raise ValueError("prompts: must be a non-empty list of shapes.Combo")
+    pipe = _load(pipe_or_model_path)
+    t = time.monotonic()
+    images = generate_grid(pipe, [c.caption for c in combos], seeds=seeds, steps=steps, guidance=guidance,
+                           adapters=adapters, progress=progress)
+    expected = [(c.shape_color, c.shape, c.background_color) for _ in seeds for c in combos]
+    result = _score([np.asarray(im.convert("RGB")) for im in images], expected)
+    result.update(n_prompts=len(combos), seeds=list(seeds), steps=steps, guidance=guidance,
+                  seconds=round(time.monotonic() - t, 1), model=pipe.model_id)
+    return result
+
+
+def judge_dataset_accuracy(n: int = 500, *, seed: int = 1234, split: str = "heldout", resolution: int = 32) -> dict:
+    """The judge on real dataset images: how often it reads back exactly what was drawn."""
+    images, combos = shapes.make_dataset(n, seed=seed, split=split, resolution=resolution)
+    return _score(images, [(c.shape_color, c.shape, c.background_color) for c in combos])
+
+
+@torch.no_grad()
+def vae_ceiling(pipe_or_model_path=None, n: int = 500, *, seed: int = 1234, split: str = "heldout") -> dict:
+    """The judge on the model's VAE reconstructions of real images: the ceiling for generated images."""
+    pipe = _load(pipe_or_model_path)
+    res = pipe.default_height
+    images, combos = shapes.make_dataset(n, seed=seed, split=split, resolution=res)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(pipe.device, pipe.dtype)
+    rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample  # (N, 3, R, R) in ~[-1, 1]
+    rec = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return _score(list(rec), [(c.shape_color, c.shape, c.background_color) for c in combos])
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Rows of accuracies as a fixed-width text table."""
+    cols = ("shape_color_accuracy", "background_color_accuracy", "shape_accuracy", "all_accuracy", "n_images")
+    heads = ("", "shape colour", "background", "shape", "all three", "images")
+    width = max(len(k) for k in rows) + 2
+    lines = [f"{heads[0]:<{width}}" + "".join(f"{h:>14}" for h in heads[1:])]
+    for name, r in rows.items():
+        cells = [f"{100 * r[c]:13.1f}%" if c != "n_images" else f"{r[c]:>14d}" for c in cols]
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds: expected comma-separated ints, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"seeds: expected non-negative ints, got {text!r}")
+    return seeds
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """`minidalle eval`: held-out prompt accuracy of a model, plus the judge's and the VAE's ceilings."""
+    ap = argparse.ArgumentParser(prog="minidalle eval", description=eval_main.__doc__)
+    ap.add_argument("--model", default=None, help="model folder or hub id (default: the embedded model)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    ap.add_argument("--seeds", type=_parse_seeds, default=DEFAULT_SEEDS, help="comma-separated, e.g. 0,1,2,3")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be a positive int, got {args.steps}")
+    pipe = _load(args.model)
+    result = evaluate(pipe, seeds=args.seeds, steps=args.steps, guidance=args.guidance, progress=not args.json)
+    judge_real = judge_dataset_accuracy()
+    ceiling = vae_ceiling(pipe)
+    if args.json:
+        result.update(judge_real_accuracy=judge_real["all_accuracy"], vae_ceiling=ceiling)
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"model {result['model']}: {result['n_prompts']} held-out prompts x {len(args.seeds)} seeds, "
+              f"{args.steps} steps, guidance {args.guidance} ({result['seconds']} s)")
+        print(format_table({"generated (held-out)": result, "VAE reconstructions": ceiling,
+                            "real images": judge_real}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(eval_main())
