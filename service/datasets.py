@@ -5,8 +5,10 @@ no device files), files are created exclusively under a fresh temporary folder, 
 copying (a member's header may lie about its size). The folder is renamed into `datasets/{id}/` only when everything
 passed, so a rejected upload leaves nothing behind.
 
-Layouts (the same as `minidalle.data.scan_dataset` reads): `metadata.jsonl` lines `{"file_name": ..., "text": ...}`
-next to the images, or kohya-style `img.png` + `img.txt` pairs; folders inside the zip are kept.
+Layouts (the same rules as `minidalle.data.scan_dataset`, which the worker runs again): a `metadata.jsonl` at the
+top (lines `{"file_name": ..., "text": ...}`; then only the images it lists are used), else kohya-style `img.png` +
+`img.txt` pairs, in folders or not. A zip whose members all sit in one top folder is read as if that folder were the
+top (zipping a folder does that).
 """
 
 from __future__ import annotations
@@ -189,7 +191,14 @@ def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) ->
         else:
             raise UploadRejected(f"file: member {info.filename!r} is not an image ({', '.join(sorted(IMAGE_EXTS))}), "
                                  f"a caption (.txt) or {METADATA_FILE}")
+        if kind == "metadata" and len(rel.parts) > 1:
+            kind = "nested-metadata"
         members.append((info, rel, kind))
+    members = _strip_common_folder(members)
+    for info, _rel, kind in members:
+        if kind == "nested-metadata":
+            raise UploadRejected(f"file: member {info.filename!r}: {METADATA_FILE} must be at the top of the "
+                                 "archive (next to the images it lists)")
     if ignored:
         notes.append(f"ignored {ignored} hidden or __MACOSX member(s)")
 
@@ -209,10 +218,10 @@ def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) ->
         if kind == "image":
             _check_image(tmp.joinpath(*rel.parts), info.filename, limits.max_image_pixels)
 
+    metadata = [rel for _, rel, kind in members if kind == "metadata"]
+    if metadata:
+        return _finish_imagefolder(tmp, dataset_id, metadata[0], images, notes)
     captions: dict[PurePosixPath, str] = {}
-    for _, rel, kind in members:
-        if kind == "metadata":
-            captions.update(_read_metadata(tmp.joinpath(*rel.parts), rel, images))
     for info, rel, kind in members:
         if kind != "caption":
             continue
@@ -233,6 +242,35 @@ def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) ->
         if not captions[img].strip():
             notes.append(f"image {str(img)!r} has an empty caption")
 
-    info = {"dataset_id": dataset_id, "images": len(images), "warnings": notes, "created_at": time.time()}
+    return _write_info(tmp, dataset_id, len(images), notes)
+
+
+def _finish_imagefolder(tmp: Path, dataset_id: str, meta: PurePosixPath, images: set[PurePosixPath],
+                        notes: list[str]) -> Extracted:
+    captions = _read_metadata(tmp.joinpath(*meta.parts), meta, images)
+    unlisted = images - set(captions)
+    if unlisted:
+        notes.append(f"{len(unlisted)} image(s) not listed in {METADATA_FILE} are not used, e.g. "
+                     f"{str(sorted(unlisted)[0])!r}")
+    notes += [f"image {str(img)!r} has an empty caption" for img, text in sorted(captions.items()) if not text.strip()]
+    return _write_info(tmp, dataset_id, len(captions), notes)
+
+
+def _write_info(tmp: Path, dataset_id: str, n_images: int, notes: list[str]) -> Extracted:
+    info = {"dataset_id": dataset_id, "images": n_images, "warnings": notes, "created_at": time.time()}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-    return Extracted(dataset_id=dataset_id, path=tmp, images=len(images), warnings=notes)
+    return Extracted(dataset_id=dataset_id, path=tmp, images=n_images, warnings=notes)
+
+
+def _strip_common_folder(members: list) -> list:
+    """[(info, 'top/a.png', kind), …] -> [(info, 'a.png', kind), …] when every member is inside 'top/'."""
+    tops = {rel.parts[0] for _, rel, _ in members}
+    if len(tops) != 1 or any(len(rel.parts) < 2 for _, rel, _ in members):
+        return members
+    out = []
+    for info, rel, kind in members:
+        rel = PurePosixPath(*rel.parts[1:])
+        if kind == "nested-metadata" and len(rel.parts) == 1:
+            kind = "metadata"
+        out.append((info, rel, kind))
+    return out

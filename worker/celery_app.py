@@ -35,10 +35,8 @@ def make_app() -> Celery:
         accept_content=["json"],
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        task_annotations={
-            GENERATE_TASK: {"time_limit": s.generate_time_limit_s},
-            FINETUNE_TASK: {"time_limit": s.finetune_time_limit_s},
-        },
+        # No task_annotations time limits: the solo pool ignores them. Jobs enforce their own limits at every
+        # step (worker.tasks.JobRun), which also ends them cleanly (a fine-tune saves a checkpoint).
     )
     return app
 

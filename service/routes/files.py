@@ -36,13 +36,14 @@ def get_image(job_id: str, index: int, settings: SettingsDep):
     return FileResponse(path, media_type="image/png")
 
 
-@router.get("/jobs/{job_id}/validation/{filename}", tags=["jobs"], response_class=FileResponse,
+@router.get("/jobs/{job_id}/validation/{tag}/{filename}", tags=["jobs"], response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}}, 404: {"description": "Unknown job or image."}})
-def get_validation_image(job_id: str, filename: str, settings: SettingsDep):
+def get_validation_image(job_id: str, tag: str, filename: str, settings: SettingsDep):
     """A validation image a fine-tune made at a checkpoint (announced by its `validation` events)."""
-    path = settings.data_dir / "jobs" / job_id / "validation" / filename
-    if not JOB_ID_RE.match(job_id) or not VALIDATION_NAME_RE.match(filename) or not path.is_file():
-        raise not_found(f"validation image {job_id}/{filename} not found")
+    path = settings.data_dir / "jobs" / job_id / "validation" / tag / filename
+    ok = JOB_ID_RE.match(job_id) and VALIDATION_NAME_RE.match(tag + ".png") and VALIDATION_NAME_RE.match(filename)
+    if not ok or not path.is_file():
+        raise not_found(f"validation image {job_id}/{tag}/{filename} not found")
     return FileResponse(path, media_type="image/png")
 
 

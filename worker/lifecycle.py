@@ -1,0 +1,115 @@
+"""Worker process lifecycle (Celery signals): preload the pipeline, announce presence, run the reconciler.
+
+The reconciler exists because Celery's Redis transport does not promptly re-deliver the task of a worker that
+died (a worker only restores unacknowledged messages older than the visibility timeout, and only when it starts).
+Every worker runs it; a Redis lock lets one pass run at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from celery import signals
+
+from worker import presence
+from worker.jobs import RECONCILER_LOCK, JobStore
+from worker.settings import get_worker_settings
+
+log = logging.getLogger(__name__)
+_state: dict = {"node": f"worker@{os.uname().nodename}", "queues": [], "phase": "starting"}
+_store: JobStore | None = None
+_stop = threading.Event()
+
+
+def node_name() -> str:
+    return _state["node"]
+
+
+def get_store() -> JobStore:
+    global _store
+    if _store is None:
+        _store = JobStore.from_settings(get_worker_settings())
+    return _store
+
+
+def release_resources(store: JobStore, job: dict | None) -> None:
+    """What a job held until it ended: a fine-tune's hold on its adapter name."""
+    if job and job["kind"] == "finetune" and job.get("request"):
+        store.release_adapter_name(job["request"]["name"], job["id"])
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender=None, **_):
+    settings = get_worker_settings()
+    _state["node"] = sender.hostname
+    _state["queues"] = sorted(sender.app.amqp.queues.consume_from or {})
+    _state["phase"] = "loading"
+    threading.Thread(target=_presence_loop, name="presence", daemon=True).start()
+    threading.Thread(target=_reconcile_loop, name="reconciler", daemon=True).start()
+    if settings.preload:
+        from worker.runtime import get_pipeline
+
+        get_pipeline(settings)  # before the consumer starts: no task waits on a half-started worker
+    _state["phase"] = "ready"
+    _publish_presence()
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_):
+    _stop.set()
+    try:
+        presence.remove(get_store().r, node_name())
+    except Exception:  # noqa: BLE001 - Redis may already be gone at shutdown
+        pass
+
+
+def _publish_presence() -> None:
+    s = get_worker_settings()
+    presence.publish(get_store().r, node_name(), {"queues": _state["queues"], "state": _state["phase"],
+                                                  "model": s.model or "embedded", "pid": os.getpid()},
+                     ttl_s=3 * s.heartbeat_interval_s)
+
+
+def _presence_loop() -> None:
+    s = get_worker_settings()
+    while not _stop.is_set():
+        try:
+            _publish_presence()
+        except Exception:  # noqa: BLE001
+            log.warning("could not publish worker presence", exc_info=True)
+        _stop.wait(s.heartbeat_interval_s)
+
+
+def _reconcile_loop() -> None:
+    s = get_worker_settings()
+    while not _stop.wait(s.reconcile_interval_s):
+        try:
+            reconcile_once(get_store())
+        except Exception:  # noqa: BLE001
+            log.warning("reconciler pass failed", exc_info=True)
+
+
+def reconcile_once(store: JobStore) -> dict[str, str]:
+    """Re-enqueue running jobs whose heartbeat went stale and recorded jobs that were never enqueued."""
+    from worker.celery_app import enqueue
+
+    s = get_worker_settings()
+    if not store.r.set(RECONCILER_LOCK, node_name(), nx=True, px=int(s.reconcile_interval_s * 900)):
+        return {}
+    outcomes = {}
+    for job_id in store.active_ids():
+        outcome = store.reconcile_one(job_id, stale_after_s=s.stale_after_s, max_attempts=s.max_attempts,
+                                      enqueue_grace_s=max(10.0, s.heartbeat_interval_s))
+        outcomes[job_id] = outcome
+        if outcome in ("requeue", "enqueue"):
+            kind = store.r.hget(f"minidalle:job:{job_id}", "kind")
+            log.warning("reconciler: %s job %s (%s)", outcome, job_id, kind)
+            enqueue(kind, job_id)
+        elif outcome in ("exhausted", "cancel"):
+            error = "" if outcome == "cancel" else (
+                f"gave up after {s.max_attempts} attempts: the worker running it stopped each time")
+            store.finish(job_id, "failed" if outcome == "exhausted" else "cancelled", error=error)
+            release_resources(store, store.get(job_id))
+    return outcomes

@@ -1,0 +1,218 @@
+"""The Celery tasks: thin. The argument is the job id; the request is in the job record; the work is the library's.
+
+A task may run more than once (at-least-once delivery, a reconciler re-enqueue): `JobStore.claim` lets one run own
+the job, outputs are keyed by job id and renamed into place, and a fine-tune resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from minidalle import Cancelled
+from worker import lifecycle
+from worker.celery_app import FINETUNE_TASK, GENERATE_TASK, app
+from worker.jobs import JobStore, adapter_url, image_url
+from worker.metrics import StepTimings
+from worker.runtime import activate_adapter, get_pipeline
+from worker.settings import WorkerSettings, get_worker_settings
+
+log = logging.getLogger(__name__)
+
+
+class Stop(Cancelled):  # noqa: N818 - a Cancelled, so the trainer saves a checkpoint before it propagates
+    """Why a running job must stop at this step: cancelled, lost (another worker took it over), time_limit."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobRun:
+    """One claimed run of a job: heartbeat thread, per-step events, cancel / ownership / time-limit checks."""
+
+    def __init__(self, store: JobStore, job: dict, worker: str, settings: WorkerSettings):
+        self.store, self.job, self.worker, self.settings = store, job, worker, settings
+        self.id, self.kind = job["id"], job["kind"]
+        limit = settings.generate_time_limit_s if self.kind == "generate" else settings.finetune_time_limit_s
+        self.deadline = time.monotonic() + limit
+        self.timings = StepTimings(self.kind)
+        self.lost = False
+        self._last = time.perf_counter()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.id}", daemon=True)
+
+    def __enter__(self) -> JobRun:
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._beat.join()
+        self.timings.flush(self.store.r)
+
+    def _heartbeat(self) -> None:
+        # a thread, so a long step (or a model load) never lets the heartbeat go stale while the process lives
+        while not self._stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                if not self.store.heartbeat(self.id, self.worker):
+                    self.lost = True
+            except Exception:  # noqa: BLE001 - Redis blips: the next beat retries
+                log.warning("heartbeat for %s failed", self.id, exc_info=True)
+
+    def step_done(self) -> float:
+        now = time.perf_counter()
+        took, self._last = now - self._last, now
+        self.timings.add(took)
+        return took
+
+    def publish(self, data: dict, event: str = "progress") -> None:
+        cancel, owned = self.store.progress(self.id, self.worker, data, event=event)
+        self._raise_if_stopping(cancel, owned)
+
+    def _raise_if_stopping(self, cancel: bool, owned: bool) -> None:
+        if cancel:
+            raise Stop("cancelled")
+        if self.lost or not owned:
+            raise Stop("lost")
+        if time.monotonic() > self.deadline:
+            raise Stop("time_limit")
+
+
+def _worker_name() -> str:
+    return f"{lifecycle.node_name()}/{os.getpid()}"
+
+
+def run_job(job_id: str, body: Callable[[JobRun], dict]) -> None:
+    settings = get_worker_settings()
+    store = lifecycle.get_store()
+    worker = _worker_name()
+    claim = store.claim(job_id, worker, stale_after_s=settings.stale_after_s, max_attempts=settings.max_attempts)
+    if claim.outcome in ("cancel", "exhausted"):
+        error = "" if claim.outcome == "cancel" else (
+            f"gave up after {claim.detail} attempts: the worker running it stopped each time")
+        store.finish(job_id, "cancelled" if claim.outcome == "cancel" else "failed", error=error)
+        lifecycle.release_resources(store, store.get(job_id))
+        return
+    if claim.outcome != "run":  # missing / already finished / another worker has it: a duplicate delivery
+        log.info("job %s: not running it (%s %s)", job_id, claim.outcome, claim.detail)
+        return
+    job = store.get(job_id)
+    log.info("job %s (%s) attempt %s on %s", job_id, job["kind"], claim.detail, worker)
+    try:
+        with JobRun(store, job, worker, settings) as run:
+            result = body(run)
+    except Stop as e:
+        if e.reason == "lost":
+            log.warning("job %s: another worker took it over; stopping here", job_id)
+            return
+        if e.reason == "cancelled":
+            store.finish(job_id, "cancelled")
+        else:
+            limit = settings.generate_time_limit_s if job["kind"] == "generate" else settings.finetune_time_limit_s
+            store.finish(job_id, "failed", error=f"time limit exceeded ({limit} s)")
+    except ValueError as e:  # bad input the API could not see (e.g. a dataset the trainer rejects)
+        store.finish(job_id, "failed", error=str(e))
+    except Exception as e:  # noqa: BLE001 - the job fails with the reason; the worker lives on
+        log.exception("job %s failed", job_id)
+        store.finish(job_id, "failed", error=f"{type(e).__name__}: {e}")
+    else:
+        store.finish(job_id, "succeeded", result=result)
+    lifecycle.release_resources(store, job)
+
+
+@app.task(name=GENERATE_TASK)
+def generate(job_id: str) -> None:
+    run_job(job_id, _generate)
+
+
+@app.task(name=FINETUNE_TASK)
+def finetune(job_id: str) -> None:
+    run_job(job_id, _finetune)
+
+
+def _generate(run: JobRun) -> dict:
+    from minidalle.png import save_png
+
+    settings, req = run.settings, run.job["request"]
+    pipe = get_pipeline(settings)
+    adapters = [(activate_adapter(pipe, settings.data_dir, a["name"]), a["scale"]) for a in req["adapters"]]
+
+    def on_step(step: int, total: int) -> None:
+        took = run.step_done()
+        run.publish({"step": step, "total": total, "eta_s": round(took * (total - step), 3)})
+
+    out = pipe(req["prompt"], negative_prompt=req.get("negative_prompt"),
+               num_inference_steps=req["num_inference_steps"], guidance_scale=req["guidance_scale"],
+               height=req.get("height"), width=req.get("width"), num_images_per_prompt=req["num_images"],
+               seed=req["seed"], scheduler=req.get("scheduler"), adapters=adapters, callback=on_step)
+    images_dir = settings.data_dir / "jobs" / run.id / "images"
+    images = []
+    for i, (image, meta) in enumerate(zip(out.images, out.metadata, strict=True)):
+        save_png(image, images_dir / f"{i}.png", meta)  # temp file + rename
+        images.append({"index": i, "url": image_url(run.id, i), "seed": meta.get("seed"), "metadata": meta})
+        run.store.add_event(run.id, "image", {"index": i, "url": image_url(run.id, i), "seed": meta.get("seed")})
+    return {"images": images}
+
+
+def _finetune(run: JobRun) -> dict:
+    from minidalle.trainer import TrainConfig, train
+
+    settings, req = run.settings, run.job["request"]
+    dataset_dir = settings.data_dir / "datasets" / req["dataset_id"]
+    if not dataset_dir.is_dir():
+        raise ValueError(f"dataset_id: dataset {req['dataset_id']!r} not found")
+    job_dir = settings.data_dir / "jobs" / run.id
+    out_dir = job_dir / "adapter"  # written by the trainer, renamed into adapters/{name} at the end
+    final = settings.data_dir / "adapters" / req["name"]
+    result = {"adapter": {"name": req["name"], "url": adapter_url(req["name"]),
+                          "download_url": adapter_url(req["name"]) + "/download"}}
+    if (job_dir / "published").is_file():  # a re-delivery after this job already published its adapter
+        return result
+    if not _finished_adapter(out_dir, req["steps"]):
+        config = TrainConfig(
+            dataset_dir=str(dataset_dir), output_dir=str(out_dir), work_dir=str(job_dir),
+            model=settings.model or None, steps=req["steps"], learning_rate=req["learning_rate"], rank=req["rank"],
+            alpha=req["alpha"], dropout=req["dropout"], batch_size=req["batch_size"], grad_accum=req["grad_accum"],
+            resolution=req.get("resolution"), train_prior=req["train_prior"],
+            validation_prompts=list(req["validation_prompts"]),
+            # about ten checkpoints per run when not given: a dead worker loses at most a tenth of the work
+            checkpoint_every=req.get("checkpoint_every") or max(1, req["steps"] // 10),
+            seed=req["seed"], resume=True,
+        )
+        train(config, on_progress=lambda event: _train_event(run, job_dir, event), pipeline=get_pipeline(settings))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        raise ValueError(f"name: adapter {req['name']!r} already exists; this job's adapter stays in {out_dir}")
+    os.rename(out_dir, final)
+    (job_dir / "published").write_text(req["name"])
+    return result
+
+
+def _finished_adapter(out_dir: Path, steps: int) -> bool:
+    import json
+
+    try:
+        return json.loads((out_dir / "adapter.json").read_text()).get("steps") == steps
+    except (OSError, ValueError):
+        return False
+
+
+def _train_event(run: JobRun, job_dir: Path, event: dict) -> None:
+    kind = event.get("type")
+    if kind == "progress":
+        run.step_done()
+        data = {k: event.get(k) for k in ("step", "total", "loss", "lr", "eta_s")}
+        run.publish(data)
+    elif kind == "checkpoint":
+        run.publish({"step": event["step"], "total": event["total"]}, event="checkpoint")
+    elif kind == "validation":
+        urls = []
+        for p in event.get("images", []):
+            rel = Path(p).relative_to(job_dir / "validation")
+            urls.append(f"/jobs/{run.id}/validation/{rel.as_posix()}")
+        run.publish({"step": event["step"], "total": event["total"], "images": urls}, event="validation")
