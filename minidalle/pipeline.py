@@ -163,8 +163,10 @@ class MiniDallePipeline:
             for m in (self.unet, self.vae, self.text_encoder):
                 h.update(json.dumps(m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config),
                                     sort_keys=True, default=str).encode())
-                sd = m.state_dict()
+                # base weights only: LoRA layers (loaded or in training) must not change the fingerprint
+                sd = {k.replace(".base_layer.", "."): v for k, v in m.state_dict().items() if "lora_" not in k}
                 for key in sorted(sd)[:: max(1, len(sd) // 8)]:
+                    h.update(key.encode())
                     h.update(sd[key].detach().float().cpu().numpy().tobytes())
             h.update(json.dumps(dict(self.prior.config), sort_keys=True).encode())
             for v in self.prior.state_dict().values():
@@ -240,8 +242,8 @@ class MiniDallePipeline:
         if active:
             self.unet.enable_lora()
             self.unet.set_adapters([n for n, _ in active], weights=[s for _, s in active])
-        elif self._adapters:
-            self.unet.disable_lora()
+        elif getattr(self.unet, "_hf_peft_config_loaded", False):
+            self.unet.disable_lora()  # LoRA layers are present (loaded or being trained) but none is wanted
         self.prior.set_active(active)
         return active
 

@@ -1,0 +1,518 @@
+"""LoRA (+ prior) fine-tuning: tokenize → CLIP → prior → VAE latents → noise → LoRA-UNet → MSE → backprop.
+
+The text encoder, VAE and UNet base weights are frozen; only the LoRA matrices and (optionally) a copy of the prior
+MLP train. Because the frozen parts are deterministic, their outputs are cached once per dataset.
+
+Every random draw of micro-step m (sample order, latent sample, noise, timesteps, caption dropout, LoRA dropout) comes
+from seeds derived from (config.seed, m), so N steps straight and N/2 + resume + N/2 give identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from minidalle.adapters import LoraSettings, save_adapter
+from minidalle.data import Example, dataset_hash, load_image, scan_dataset
+from minidalle.errors import Cancelled
+
+log = logging.getLogger(__name__)
+TRAIN_ADAPTER = "minidalle-train"  # name of the LoRA being trained on a (possibly resident) UNet
+VALIDATION_ADAPTER = "minidalle-validation"
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    dataset_dir: str
+    output_dir: str  # the final adapter folder
+    model: str | None = None  # folder or hub id; None = the embedded default (ignored when a pipeline is passed)
+    work_dir: str | None = None  # checkpoints/ and validation/; default: "<output_dir>.work"
+    steps: int = 500  # optimizer steps
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # constant | cosine | linear, each after lr_warmup_steps of linear warmup
+    lr_warmup_steps: int = 0
+    rank: int = 8
+    alpha: float = 16.0  # alpha / rank = 2: the LoRA update's scale
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
+    train_prior: bool = True
+    prior_learning_rate: float | None = None  # None: same as learning_rate
+    batch_size: int = 1
+    grad_accum: int = 1
+    resolution: int | None = None  # None: the model's native size
+    random_flip: bool = False
+    caption_dropout: float = 0.05  # empty caption this often, so classifier-free guidance keeps working
+    max_grad_norm: float = 1.0
+    weight_decay: float = 1e-2
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16 (auto: the pipeline's dtype on CUDA, fp32 on CPU)
+    gradient_checkpointing: bool = False  # trades ~30 % speed for much less activation memory on big UNets
+    cache: bool = True  # cache text-encoder states and VAE latent distributions (both frozen)
+    checkpoint_every: int = 100  # 0: only the final state
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the latest checkpoint in work_dir
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 20
+    validation_guidance_scale: float = 7.5
+    validation_seed: int = 0
+    seed: int = 0
+
+    def check(self) -> None:
+        """ValueError naming the first bad field, before any model work."""
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: {msg}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.steps, int) and 1 <= self.steps <= 1_000_000, "steps", "must be in [1, 1000000]")
+        need(0 < self.learning_rate <= 1, "learning_rate", "must be in (0, 1]")
+        need(self.prior_learning_rate is None or 0 < self.prior_learning_rate <= 1, "prior_learning_rate",
+             "must be in (0, 1]")
+        need(self.lr_scheduler in ("constant", "cosine", "linear"), "lr_scheduler", "must be constant|cosine|linear")
+        need(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
+        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1024, "batch_size", "must be in [1, 1024]")
+        need(isinstance(self.grad_accum, int) and 1 <= self.grad_accum <= 1024, "grad_accum", "must be in [1, 1024]")
+        need(self.resolution is None or (isinstance(self.resolution, int) and self.resolution >= 8
+                                         and self.resolution % 8 == 0 and self.resolution <= 2048),
+             "resolution", "must be a multiple of 8 in [8, 2048]")
+        need(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
+        need(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        need(self.mixed_precision in ("auto", "no", "fp16", "bf16"), "mixed_precision", "must be auto|no|fp16|bf16")
+        need(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        need(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(isinstance(self.validation_steps, int) and 1 <= self.validation_steps <= 1000, "validation_steps",
+             "must be in [1, 1000]")
+        need(all(isinstance(p, str) for p in self.validation_prompts), "validation_prompts", "must be strings")
+        self.lora.check()
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                            target_modules=list(self.target_modules))
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(f"{self.output_dir}.work")
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    loss: float
+    checkpoints: list[Path]
+    validation_images: list[Path]
+    seconds: float
+
+
+def _seed(base: int, m: int, salt: int = 0) -> int:
+    # distinct, reproducible seeds per (run seed, micro-step, purpose)
+    return (base * 1_000_003 + m * 97 + salt) % (2**63 - 1)
+
+
+class Trainer:
+    """Fine-tunes LoRA (+ prior) on a resident or freshly loaded MiniDallePipeline."""
+
+    def __init__(self, config: TrainConfig, *, pipeline=None, on_progress: ProgressCallback | None = None):
+        config.check()
+        self.config, self.pipe, self.on_progress = config, pipeline, on_progress or (lambda event: None)
+        self.step = 0
+        self.checkpoints: list[Path] = []
+        self.validation_images: list[Path] = []
+        self._injected = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # setup
+    def setup(self) -> None:
+        cfg = self.config
+        # 1. data (validated before any model work)
+        self.examples: list[Example] = scan_dataset(cfg.dataset_dir)
+        self.data_hash = dataset_hash(self.examples)
+        # 2. model
+        if self.pipe is None:
+            from minidalle.pipeline import MiniDallePipeline, resolve_device
+
+            dev = resolve_device(None)
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+            if dtype is None:
+                dtype = torch.float16 if (dev.type == "cuda" and cfg.mixed_precision == "auto") else torch.float32
+            self.pipe = MiniDallePipeline.from_pretrained(cfg.model, torch_dtype=dtype, device=dev)
+        pipe = self.pipe
+        self.device, self.dtype = pipe.device, pipe.dtype
+        self.amp_dtype = self._amp_dtype()
+        self.resolution = cfg.resolution or pipe.default_height
+        if self.resolution % pipe.vae_scale_factor:
+            raise ValueError(f"resolution: must be a multiple of {pipe.vae_scale_factor} for this model")
+        self.noise_scheduler = _training_scheduler(pipe.scheduler.config)
+        # 3. trainable parts: LoRA on the UNet, a copy of the prior MLP
+        torch.manual_seed(cfg.seed)
+        pipe.unet.add_adapter(cfg.lora.peft_config(), adapter_name=TRAIN_ADAPTER)
+        self._injected = True
+        pipe.unet.enable_lora()
+        pipe.unet.set_adapters([TRAIN_ADAPTER])
+        self.lora_params = [p for n, p in pipe.unet.named_parameters() if f".{TRAIN_ADAPTER}." in n]
+        for p in pipe.unet.parameters():
+            p.requires_grad_(False)
+        for p in self.lora_params:
+            p.data = p.data.float()  # trainable weights in fp32 even over a half-precision base
+            p.requires_grad_(True)
+        self.prior_mlp = pipe.prior.new_adapter_mlp().float() if cfg.train_prior else None
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        groups = [{"params": self.lora_params, "lr": cfg.learning_rate}]
+        if self.prior_mlp is not None:
+            groups.append({"params": list(self.prior_mlp.parameters()),
+                           "lr": cfg.prior_learning_rate or cfg.learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.lr_scheduler = _lr_scheduler(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # 4. caches of the frozen parts
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        if cfg.cache:
+            self._fill_caches()
+        # 5. resume
+        if cfg.resume and (ckpt := latest_checkpoint(cfg.work_path)) is not None:
+            self.load_checkpoint(ckpt)
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        mp = self.config.mixed_precision
+        if mp == "auto":
+            return self.dtype if self.device.type == "cuda" and self.dtype != torch.float32 else None
+        if mp == "no":
+            return None
+        if mp == "fp16" and self.device.type != "cuda":
+            raise ValueError("mixed_precision: fp16 needs a CUDA device (use 'no' or 'bf16' on CPU)")
+        return torch.float16 if mp == "fp16" else torch.bfloat16
+
+    @torch.no_grad()
+    def _fill_caches(self) -> None:
+        for caption in sorted({ex.caption for ex in self.examples} | {""}):
+            self._text_cache[caption] = self._encode_text([caption])[0]
+        flips = (False, True) if self.config.random_flip else (False,)
+        for i in range(len(self.examples)):
+            for flip in flips:
+                mean, std = self._encode_image([i], [flip])
+                self._latent_cache[(i, flip)] = (mean[0], std[0])
+
+    @torch.no_grad()
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:  # (B, 77, D)
+        tok = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt")
+        return self.pipe.text_encoder(tok.input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def _encode_image(self, idx: list[int], flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        px = torch.stack([load_image(self.examples[i].path, self.resolution, f) for i, f in zip(idx, flips,
+                                                                                                 strict=True)])
+        dist = self.pipe.vae.encode(px.to(self.device, self.dtype)).latent_dist  # (B, 4, R/f, R/f)
+        return dist.mean, dist.std
+
+    # ------------------------------------------------------------------------------------------------------------
+    # one step
+    def _batch_indices(self, m: int) -> list[int]:
+        n, b = len(self.examples), self.config.batch_size
+        out = []
+        for pos in range(m * b, (m + 1) * b):
+            epoch, k = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.config.seed, epoch, 1)))
+            out.append(int(perm[k]))
+        return out
+
+    def _micro_step(self, m: int) -> torch.Tensor:
+        cfg, pipe = self.config, self.pipe
+        g = torch.Generator().manual_seed(_seed(cfg.seed, m, 2))
+        idx = self._batch_indices(m)
+        b = len(idx)
+        flips = (torch.rand(b, generator=g) < 0.5).tolist() if cfg.random_flip else [False] * b
+        drop = (torch.rand(b, generator=g) < cfg.caption_dropout).tolist()
+        captions = ["" if d else self.examples[i].caption for i, d in zip(idx, drop, strict=True)]
+        # latents: cached distribution, sampled with this step's generator
+        if cfg.cache:
+            mean = torch.stack([self._latent_cache[(i, f)][0] for i, f in zip(idx, flips, strict=True)])
+            std = torch.stack([self._latent_cache[(i, f)][1] for i, f in zip(idx, flips, strict=True)])
+            hidden = torch.stack([self._text_cache[c] for c in captions])  # (B, 77, D)
+        else:
+            mean, std = self._encode_image(idx, flips)
+            hidden = self._encode_text(captions)
+        eps = torch.randn(mean.shape, generator=g).to(self.device, mean.dtype)
+        latents = mean + std * eps
+        vcfg = pipe.vae.config
+        latents = (latents - (getattr(vcfg, "shift_factor", None) or 0.0)) * vcfg.scaling_factor
+        noise = torch.randn(latents.shape, generator=g).to(self.device, latents.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        torch.manual_seed(_seed(cfg.seed, m, 3))  # LoRA dropout draws from the global generator
+        amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with amp:
+            cond = self._condition(hidden)  # (B, 77, D_cross)
+            pred = pipe.unet(noisy.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def _condition(self, hidden: torch.Tensor) -> torch.Tensor:
+        prior = self.pipe.prior
+        if self.prior_mlp is None:
+            with torch.no_grad():
+                return prior(hidden)
+        h = hidden.float()
+        return _apply_proj(prior, h) + self.prior_mlp(h)  # what the adapter's prior computes at scale 1
+
+    def _optimizer_step(self) -> float:
+        cfg = self.config
+        total = 0.0
+        for k in range(cfg.grad_accum):
+            loss = self._micro_step(self.step * cfg.grad_accum + k) / cfg.grad_accum
+            self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        self.scaler.unscale_(self.optimizer)
+        params = self.lora_params + (list(self.prior_mlp.parameters()) if self.prior_mlp is not None else [])
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the loop
+    def train(self) -> TrainResult:
+        cfg = self.config
+        start = time.perf_counter()
+        self.pipe.unet.train()
+        loss, step_times = float("nan"), []
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                loss = self._optimizer_step()
+                step_times.append(time.perf_counter() - t0)
+                recent = step_times[-20:]
+                per_step = sum(recent) / len(recent)
+                event = dict(type="progress", step=self.step, total=cfg.steps, loss=loss,
+                             lr=self.lr_scheduler.get_last_lr()[0],
+                             samples_per_s=cfg.batch_size * cfg.grad_accum / max(per_step, 1e-9),
+                             eta_s=per_step * (cfg.steps - self.step))
+                every = cfg.checkpoint_every
+                if every and self.step % every == 0 and self.step < cfg.steps:
+                    self._checkpoint_and_validate()
+                self.on_progress(event)
+        except Cancelled:
+            if not self.checkpoints or _step_of(self.checkpoints[-1]) != self.step:
+                if self.step > 0:
+                    self.save_checkpoint()
+            raise
+        self.pipe.unet.eval()
+        adapter_dir = self.export(Path(cfg.output_dir), loss=loss)
+        if cfg.validation_prompts:
+            self._validate(adapter_dir, tag="final")
+        return TrainResult(adapter_dir=adapter_dir, steps=self.step, loss=loss, checkpoints=list(self.checkpoints),
+                           validation_images=list(self.validation_images), seconds=time.perf_counter() - start)
+
+    def _checkpoint_and_validate(self) -> None:
+        path = self.save_checkpoint()
+        self.on_progress(dict(type="checkpoint", step=self.step, total=self.config.steps, path=str(path)))
+        if self.config.validation_prompts:
+            self._validate(path / "adapter", tag=f"step-{self.step:06d}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # artifacts
+    def _lora_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().float().cpu() for k, v in
+                get_peft_model_state_dict(self.pipe.unet, adapter_name=TRAIN_ADAPTER).items()}
+
+    def export(self, out_dir: Path, loss: float | None = None) -> Path:
+        """Write the adapter folder (adapter.safetensors, adapter.json, pytorch_lora_weights.safetensors)."""
+        cfg = self.config
+        meta = dict(base_model=self.pipe.model_id, base_model_hash=self.pipe.model_hash,
+                    training=_jsonable(dataclasses.asdict(cfg)), steps=self.step, dataset_hash=self.data_hash,
+                    num_images=len(self.examples), final_loss=loss, resolution=self.resolution,
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        prior = {k: v.detach().float().cpu() for k, v in self.prior_mlp.state_dict().items()} \
+            if self.prior_mlp is not None else None
+        return save_adapter(out_dir, lora=self._lora_state(), prior=prior, settings=cfg.lora, meta=meta)
+
+    def save_checkpoint(self) -> Path:
+        """checkpoints/step-N/: adapter/ + optimizer.safetensors + trainer_state.json, renamed into place."""
+        root = self.config.work_path / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:06d}"
+        tmp = root / f".step-{self.step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.export(tmp / "adapter")
+        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        state = dict(step=self.step, optimizer=opt_meta, lr_scheduler=_jsonable(self.lr_scheduler.state_dict()),
+                     scaler=_jsonable(self.scaler.state_dict()), dataset_hash=self.data_hash,
+                     config=_jsonable(dataclasses.asdict(self.config)))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self.checkpoints.append(final)
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.checkpoints = [c for c in self.checkpoints if c.exists()]
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        from minidalle.adapters import load_adapter_files
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("dataset_hash") != self.data_hash:
+            raise ValueError(f"resume: checkpoint {path} was made from a different dataset")
+        adapter = load_adapter_files(path / "adapter")
+        lora = {k: v.to(self.device, torch.float32) for k, v in adapter.lora.items()}
+        set_peft_model_state_dict(self.pipe.unet, lora, adapter_name=TRAIN_ADAPTER)
+        if self.prior_mlp is not None:
+            if adapter.prior is None:
+                raise ValueError(f"resume: checkpoint {path} has no prior weights but train_prior is on")
+            self.prior_mlp.load_state_dict({k: v.float() for k, v in adapter.prior.items()})
+        tensors = load_file(path / "optimizer.safetensors")
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"], self.device))
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        self.step = int(state["step"])
+        self.checkpoints.append(path)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    @torch.no_grad()
+    def _validate(self, adapter_dir: Path, tag: str) -> list[Path]:
+        from minidalle.png import save_png
+
+        cfg, pipe = self.config, self.pipe
+        was_training = pipe.unet.training
+        pipe.unet.eval()
+        out_dir = cfg.work_path / "validation" / tag
+        paths = []
+        try:
+            name = pipe.load_adapter(adapter_dir, name=VALIDATION_ADAPTER)
+            for i, prompt in enumerate(cfg.validation_prompts):
+                out = pipe(prompt, num_inference_steps=cfg.validation_steps, seed=cfg.validation_seed,
+                           guidance_scale=cfg.validation_guidance_scale, adapters=[(name, 1.0)])
+                paths.append(save_png(out.images[0], out_dir / f"{i}.png", out.metadata[0]))
+        finally:
+            if VALIDATION_ADAPTER in pipe.loaded_adapters:
+                pipe.unload_adapter(VALIDATION_ADAPTER)
+            pipe.unet.enable_lora()
+            pipe.unet.set_adapters([TRAIN_ADAPTER])
+            for p in self.lora_params:
+                p.requires_grad_(True)
+            pipe.unet.train(was_training)
+        self.validation_images.extend(paths)
+        self.on_progress(dict(type="validation", step=self.step, total=cfg.steps, images=[str(p) for p in paths]))
+        return paths
+
+    def teardown(self) -> None:
+        """Leave a resident pipeline as it was: training adapter removed, eval mode."""
+        if self.pipe is not None and self._injected:
+            self.pipe.unet.delete_adapters(TRAIN_ADAPTER)
+            if self.config.gradient_checkpointing:
+                self.pipe.unet.disable_gradient_checkpointing()
+            self.pipe.unet.requires_grad_(False).eval()
+            self._injected = False
+
+
+def train(config: TrainConfig, on_progress: ProgressCallback | None = None, pipeline=None) -> TrainResult:
+    """Fine-tune and write the adapter to config.output_dir. Raises Cancelled if on_progress raised it."""
+    trainer = Trainer(config, pipeline=pipeline, on_progress=on_progress)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.teardown()
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    root = Path(work_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+def _apply_proj(prior, h: torch.Tensor) -> torch.Tensor:
+    proj = prior.proj
+    if isinstance(proj, torch.nn.Identity):
+        return h
+    return F.linear(h, proj.weight.float())
+
+
+def _training_scheduler(config):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config)  # add_noise / get_velocity with the model's own noise schedule
+
+
+def _lr_scheduler(cfg: TrainConfig, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    name = cfg.lr_scheduler
+    if name == "constant" and cfg.lr_warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return None  # functions (lr lambdas) are rebuilt, not stored
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, device) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, idx, k = key.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v.to(device) if k != "step" else v
+    for key, v in meta.get("scalars", {}).items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
