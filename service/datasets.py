@@ -19,6 +19,7 @@ import stat
 import time
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -91,12 +92,17 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budge
         out = open(target, "xb")  # exclusive: a duplicate member name can't overwrite
     except FileExistsError as e:
         raise UploadRejected(f"file: member {info.filename!r} appears twice in the archive") from e
-    with out, zf.open(info) as src:
-        while chunk := src.read(CHUNK):
-            written += len(chunk)
-            if written > info.file_size or written > budget:
-                raise UploadRejected(f"file: member {info.filename!r} expands beyond its declared size "
-                                     "or the archive's size limit")
+    try:
+        with out, zf.open(info) as src:
+            while chunk := src.read(CHUNK):
+                written += len(chunk)
+                if written > info.file_size or written > budget:
+                    raise UploadRejected(f"file: member {info.filename!r} expands beyond its declared size "
+                                         "or the archive's size limit")
+                out.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+        # a lying size header ends in a CRC error here; encrypted or exotic compression: not for us either
+        raise UploadRejected(f"file: member {info.filename!r} is corrupt or unsupported ({e})") from e
     return written
 
 

@@ -12,10 +12,14 @@ from PIL import Image
 
 from _support.servers import Stack
 
-__all__ = ["stack", "make_zip", "png_bytes", "shapes_dataset_zip", "sse_events", "iter_sse", "wait_job",
+__all__ = ["SMALL_CAPS", "stack", "make_zip", "png_bytes", "shapes_dataset_zip", "sse_events", "iter_sse", "wait_job",
            "_dump_logs_on_failure", "pytest_runtest_makereport"]
 
 _STACKS: list[Stack] = []
+# caps small enough that tests can cross each of them cheaply
+SMALL_CAPS = {"MINIDALLE_MAX_WIDTH": "256", "MINIDALLE_MAX_HEIGHT": "256", "MINIDALLE_MAX_IMAGES": "4",
+              "MINIDALLE_MAX_STEPS": "50", "MINIDALLE_MAX_COST": "1000000", "MINIDALLE_MAX_TRAIN_STEPS": "1000",
+              "MINIDALLE_MAX_UPLOAD_BYTES": "300000", "MINIDALLE_MAX_WAIT_S": "60"}
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -37,7 +41,7 @@ def _dump_logs_on_failure(request):
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """One redis + API + a worker serving both queues, for the whole session."""
-    s = Stack(tmp_path_factory.mktemp("stack"), workers={"w1": "generate,finetune"})
+    s = Stack(tmp_path_factory.mktemp("stack"), workers={"w1": "generate,finetune"}, **SMALL_CAPS)
     _STACKS.append(s)
     yield s
     _STACKS.remove(s)
