@@ -1,0 +1,130 @@
+"""Shared fixtures: the embedded tiny model (loaded once), fresh pipelines, and synthetic adapter folders.
+
+Tests that load adapters or change the prior use their own pipeline (`fresh_pipe`), never `tiny_pipe`, so the
+session pipeline stays the plain base model for everybody.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quiet() -> None:
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+_quiet()
+# The test machine's cores are shared: with several busy processes, torch's second thread spins and tiny-model
+# generation gets 5-10x slower. One thread is also what the CLI subprocesses get (OMP_NUM_THREADS in run_cli).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The embedded random tiny model (identity prior): the model every core test runs on."""
+    from minidalle.embedded import TINY_RANDOM
+
+    return Path(TINY_RANDOM)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_dir):
+    """One shared pipeline, loaded through `from_pretrained` like any real model. Treat it as read-only."""
+    from minidalle import MiniDallePipeline
+
+    return MiniDallePipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def fresh_pipe(tiny_model_dir):
+    """A pipeline of its own (0.3 s to load), for tests that load adapters or change weights."""
+    from minidalle import MiniDallePipeline
+
+    def make(**kwargs):
+        return MiniDallePipeline.from_pretrained(tiny_model_dir, device="cpu", **kwargs)
+
+    return make
+
+
+def images_array(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images])
+
+
+@pytest.fixture
+def as_array() -> Callable:
+    return images_array
+
+
+def build_adapter(out_dir: str | os.PathLike, *, unet_config, prior_config=None, seed: int = 0, rank: int = 4,
+                  alpha: float = 8.0, magnitude: float = 0.3, meta: dict | None = None) -> Path:
+    """Write an adapter folder with random, non-zero LoRA (+ prior MLP when `prior_config` is given).
+
+    The LoRA is made the way the trainer makes it (peft `add_adapter` on a UNet, `get_peft_model_state_dict`), on a
+    UNet built from `unet_config` alone, so no pipeline's state is touched.
+    """
+    from diffusers import UNet2DConditionModel
+    from peft.utils import get_peft_model_state_dict
+
+    from minidalle.adapters import LoraSettings, save_adapter
+    from minidalle.prior import PriorMLP
+
+    gen = torch.Generator().manual_seed(seed)
+    settings = LoraSettings(rank=rank, alpha=alpha, dropout=0.0)
+    unet = UNet2DConditionModel.from_config(unet_config)
+    unet.add_adapter(settings.peft_config())
+    lora = {k: v.clone() for k, v in get_peft_model_state_dict(unet).items()}
+    assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
+    for k, v in lora.items():  # peft starts lora_B at zero (a no-op adapter); ours must change images
+        lora[k] = torch.randn(v.shape, generator=gen) * magnitude
+    prior = None
+    if prior_config is not None:
+        mlp = PriorMLP(prior_config["in_dim"], prior_config["hidden_dim"], prior_config["out_dim"])
+        prior = {k: torch.randn(v.shape, generator=gen) * magnitude for k, v in mlp.state_dict().items()}
+    return save_adapter(out_dir, lora=lora, prior=prior, settings=settings,
+                        meta={"base_model": "test", "steps": 0, **(meta or {})})
+
+
+@pytest.fixture
+def make_adapter(tiny_pipe, tmp_path) -> Callable[..., Path]:
+    """`make_adapter(name, seed=…, train_prior=True, unet_config=…)` → adapter folder for the tiny model."""
+
+    def make(name: str, *, seed: int = 0, train_prior: bool = True, unet_config=None, prior_config=None,
+             **kwargs) -> Path:
+        unet_config = unet_config if unet_config is not None else tiny_pipe.unet.config
+        if prior_config is None and train_prior:
+            prior_config = dict(tiny_pipe.prior.config)
+        return build_adapter(tmp_path / "adapters" / name, unet_config=unet_config,
+                             prior_config=prior_config if train_prior else None, seed=seed,
+                             meta={"base_model_hash": tiny_pipe.model_hash}, **kwargs)
+
+    return make
+
+
+def run_cli(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 120):
+    """Run `python -m minidalle.cli ARGS` in a subprocess (the real entry point, a fresh interpreter)."""
+    import subprocess
+
+    path = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-m", "minidalle.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO_ROOT, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
