@@ -1,0 +1,122 @@
+"""Failure handling with real processes: a worker killed mid fine-tune, a queued job cancelled, a job recorded but
+never enqueued, a job that keeps killing its workers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from _support.fixtures import shapes_dataset_zip, sse_events, wait_job
+from _support.servers import Stack, wait_until
+
+from worker.jobs import JobStore
+
+
+@pytest.fixture(scope="module")
+def finetune_stack(tmp_path_factory):
+    """No generate worker at all (so generate jobs stay queued); fine-tune workers are added per test."""
+    s = Stack(tmp_path_factory.mktemp("recovery"), workers={})
+    from _support import fixtures
+
+    fixtures._STACKS.append(s)
+    yield s
+    fixtures._STACKS.remove(s)
+    s.stop()
+
+
+_CANCELLED_QUEUED: list[str] = []
+
+
+def _store(stack) -> JobStore:
+    return JobStore(stack.redis, ttl_s=3600, events_maxlen=10_000)
+
+
+def test_cancel_queued_generate_never_starts(finetune_stack):
+    s = finetune_stack
+    r = s.http.post("/generate", json={"prompt": "a cat", "num_inference_steps": 2})
+    assert r.status_code == 202
+    job_id = r.json()["job_id"]
+    assert s.redis.llen("generate") == 1  # the message waits in the queue: no generate worker here
+    c = s.http.post(f"/jobs/{job_id}/cancel")
+    assert c.status_code == 202 and c.json()["state"] == "cancelled", c.text
+    events = sse_events(s.http, f"/jobs/{job_id}/events", timeout=10)
+    assert [e[0] for e in events] == ["queued", "cancelled"]
+    job = s.http.get(f"/jobs/{job_id}").json()
+    assert job["state"] == "cancelled" and job["started_at"] is None and job["attempts"] == 0
+    _CANCELLED_QUEUED.append(job_id)  # the next test starts a generate worker: it must not run this one
+
+
+def test_worker_killed_during_finetune_new_worker_resumes_from_checkpoint(finetune_stack):
+    s = finetune_stack
+    w1 = s.add_worker("ft1", "finetune")
+    r = s.http.post("/datasets", files={"file": ("d.zip", shapes_dataset_zip(2), "application/zip")})
+    dataset_id = r.json()["dataset_id"]
+    steps = 150
+    r = s.http.post("/finetune", json={"name": "survivor", "dataset_id": dataset_id, "steps": steps,
+                                       "checkpoint_every": 10})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    seen = []
+
+    def kill_after_second_checkpoint(event):
+        seen.append(event)
+        if event[0] == "checkpoint" and event[2]["step"] >= 20 and w1.alive():
+            w1.kill()  # SIGKILL the worker's process group mid-training: no cleanup runs
+            raise StopIteration
+
+    with pytest.raises(StopIteration):
+        sse_events(s.http, f"/jobs/{job_id}/events", timeout=120, on_event=kill_after_second_checkpoint)
+    killed_at = max(e[2]["step"] for e in seen if e[0] == "progress")
+    assert killed_at < steps
+    assert s.http.get(f"/jobs/{job_id}").json()["state"] == "running"  # nobody knows yet
+
+    s.add_worker("ft2", "generate,finetune")  # stays up for the rest of this module
+    job = wait_job(s.http, job_id, timeout=180)
+    assert job["state"] == "succeeded", job
+    assert job["attempts"] == 2
+    events = sse_events(s.http, f"/jobs/{job_id}/events")
+    kinds = [e[0] for e in events]
+    assert "requeued" in kinds and kinds.count("started") == 2
+    after = events[kinds.index("requeued"):]
+    first_resumed = next(e[2]["step"] for e in after if e[0] == "progress")
+    # resumed right after a checkpoint (every 10 steps; the trainer announces step N's checkpoint before its
+    # progress event), at or after the one we saw before the kill: not from step 1
+    assert (first_resumed - 1) % 10 == 0 and 20 <= first_resumed - 1 <= killed_at + 10, (first_resumed, killed_at)
+    assert s.http.get("/adapters/survivor").json()["steps"] == steps
+    # the generate cancelled while queued (first test) reached this worker too, and did not run
+    for cancelled in _CANCELLED_QUEUED:
+        wait_until(lambda: s.redis.llen("generate") == 0, 30, "the queued message consumed")
+        job = s.http.get(f"/jobs/{cancelled}").json()
+        assert job["state"] == "cancelled" and job["attempts"] == 0
+        assert not (s.data_dir / "jobs" / cancelled / "images").exists()
+
+
+def test_recorded_but_never_enqueued_job_is_enqueued_by_reconciler(finetune_stack):
+    s = finetune_stack
+    store = _store(s)
+    r = s.http.post("/datasets", files={"file": ("d.zip", shapes_dataset_zip(2), "application/zip")})
+    request = {"name": "orphan", "dataset_id": r.json()["dataset_id"], "steps": 2, "learning_rate": 1e-4, "rank": 4,
+               "alpha": 4, "dropout": 0.0, "batch_size": 1, "grad_accum": 1, "resolution": None, "train_prior": True,
+               "validation_prompts": [], "checkpoint_every": None, "seed": 0}
+    job_id = store.create("finetune", request)  # as if the API died between the record and the enqueue
+    store.r.hset(f"minidalle:job:{job_id}", "created_at", repr(time.time() - 60))  # past the grace period
+    job = wait_job(s.http, job_id, timeout=120)  # worker ft2's reconciler finds it
+    assert job["state"] == "succeeded", job
+    assert job["attempts"] == 1
+
+
+def test_job_that_keeps_killing_workers_fails_after_max_attempts(finetune_stack):
+    s = finetune_stack
+    store = _store(s)
+    job_id = store.create("generate", {"prompt": "x"})
+    store.mark_enqueued(job_id)
+    key = f"minidalle:job:{job_id}"
+    # two earlier attempts whose workers died (the default max_attempts is 3) and a third whose heartbeat is stale
+    for _ in range(3):
+        store.r.hset(key, "state", "queued")
+        claim = store.claim(job_id, "dead-worker", stale_after_s=3, max_attempts=3)
+        assert claim.outcome == "run"
+    store.r.hset(key, "heartbeat_at", "0")
+    job = wait_job(s.http, job_id, timeout=30)  # worker ft2's reconciler gives up on it
+    assert job["state"] == "failed" and job["attempts"] == 3
+    assert "gave up after 3 attempts" in job["error"]
