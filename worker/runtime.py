@@ -25,8 +25,8 @@ def get_pipeline(settings: WorkerSettings):
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
             log.info("loading model %s", settings.model or "(embedded default)")
-            _pipe = MiniDallePipeline.from_pretrained(settings.model or None, torch_dtype=settings.torch_dtype,
-                                                      device=settings.device,
+            _pipe = MiniDallePipeline.from_pretrained(settings.model or None, torch_dtype=settings.torch_dtype or None,
+                                                      device=settings.device or None,
                                                       max_loaded_adapters=settings.adapter_cache_size)
             log.info("model loaded on %s (%s)", _pipe.device, _pipe.dtype)
         return _pipe
