@@ -7,9 +7,12 @@ Every error a user can cause is one line on stderr (`minidalle: error: …`) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,8 +140,9 @@ def _add_finetune(sub) -> None:
     p.add_argument("--batch-size", type=_int_in(1, 4096), default=None)
     p.add_argument("--grad-accum", type=_int_in(1, 4096), default=None)
     p.add_argument("--resolution", type=_multiple_of_8, default=None)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
-    p.add_argument("--checkpoint-every", type=_int_in(1, 10**7), default=None)
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=None,
+                   help="auto: the model dtype on cuda, fp32 on cpu")
+    p.add_argument("--checkpoint-every", type=_int_in(0, 10**7), default=None, help="0: only the final adapter")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="resume from the latest checkpoint in the work dir (trainer's default when omitted)")
     p.add_argument("--validation-prompt", action="append", default=None, metavar="PROMPT",
@@ -247,26 +251,50 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "alpha": args.alpha, "dropout": args.dropout, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "resolution": args.resolution, "mixed_precision": args.mixed_precision,
         "checkpoint_every": args.checkpoint_every, "resume": args.resume, "train_prior": args.train_prior,
-        "validation_prompts": args.validation_prompt, "seed": args.seed, "work_dir": args.work_dir,
+        "validation_prompts": args.validation_prompt, "seed": args.seed,
+        "work_dir": str(args.work_dir) if args.work_dir else None,
     }
-    config = TrainConfig(dataset_dir=args.dataset_dir, output_dir=args.out,
+    config = TrainConfig(dataset_dir=str(args.dataset_dir), output_dir=str(args.out),
                          **{k: v for k, v in given.items() if v is not None})
     from tqdm.auto import tqdm
 
-    with tqdm(total=getattr(config, "steps", None), desc="finetune", unit="step", disable=args.quiet,
-              file=sys.stderr) as bar:
-        def on_progress(event: dict) -> None:
-            if event.get("type") == "progress":
-                bar.total = event.get("total", bar.total)
-                bar.update(event["step"] - bar.n)
-                bar.set_postfix(loss=f"{event.get('loss', float('nan')):.4f}", lr=f"{event.get('lr', 0):.2e}",
-                                refresh=False)
-            elif event.get("type") in ("checkpoint", "validation"):
-                bar.write(f"{event['type']} at step {event.get('step')}" +
-                          (f": {event['path']}" if event.get("path") else ""), file=sys.stderr)
+    bars: list = []  # made at the first event: dataset errors surface before any bar is drawn
 
-        result = train(config, on_progress=on_progress)
-    print(getattr(result, "output_dir", None) or args.out, flush=True)
+    def on_progress(event: dict) -> None:
+        if not bars:
+            bars.append(tqdm(total=event.get("total", config.steps), desc="finetune", unit="step",
+                             disable=args.quiet, file=sys.stderr))
+        bar = bars[0]
+        if event.get("type") == "progress":
+            bar.total = event.get("total", bar.total)
+            bar.update(event["step"] - bar.n)
+            bar.set_postfix(loss=f"{event.get('loss', float('nan')):.4f}", lr=f"{event.get('lr', 0):.2e}",
+                            refresh=False)
+        elif event.get("type") == "checkpoint":
+            bar.write(f"checkpoint at step {event['step']}: {event.get('path', '')}", file=sys.stderr)
+        elif event.get("type") == "validation":
+            bar.write(f"validation images at step {event['step']}: {', '.join(event.get('images', []))}",
+                      file=sys.stderr)
+
+    _quiet_libraries()
+    from minidalle.errors import Cancelled
+
+    try:
+        with _ctrl_c_cancels() as stop:
+            def on_event(event: dict) -> None:
+                on_progress(event)
+                if stop.is_set():  # raised from inside the trainer's loop: it saves a checkpoint first
+                    raise Cancelled()
+
+            result = train(config, on_progress=on_event)
+    except Cancelled:
+        _error(f"cancelled; the last checkpoint is in {config.work_dir or str(args.out) + '.work'} "
+               "(run the same command again to resume)")
+        return EXIT_INTERRUPTED
+    finally:
+        for bar in bars:
+            bar.close()
+    print(result.adapter_dir, flush=True)
     return 0
 
 
@@ -368,6 +396,28 @@ def _load_adapters(pipe, adapters: list[tuple[Path, float]]) -> list[tuple[str, 
         used.add(name)
         active.append((pipe.load_adapter(path, name=name), scale))
     return active
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels():
+    """The first Ctrl-C asks for a clean stop (checkpoint, then exit); a second one interrupts at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\n{PROG}: stopping at the next step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no signal handling, Ctrl-C behaves as usual
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _claim_path(out_dir: Path, seed: int | None) -> Path:

@@ -126,5 +126,6 @@ def run_cli(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 1
 
 
 @pytest.fixture
-def cli():
+def cli_run():
+    """`cli_run("generate", …)` → CompletedProcess of `python -m minidalle.cli …`."""
     return run_cli
