@@ -94,12 +94,16 @@ class MiniDallePipeline:
         if not is_local and os.path.sep in model and not model.count("/") == 1:
             raise ValueError(f"model: {model!r} is neither a folder nor a hub id")
         load = dict(torch_dtype=dtype, use_safetensors=True)
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **load)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **load)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **load)
-        scheduler = _load_scheduler(model)
-        prior = _load_prior(model, is_local, dtype)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **load)
+            unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **load)
+            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **load)
+            scheduler = _load_scheduler(model)
+            prior = _load_prior(model, is_local, dtype)
+        except OSError as e:  # missing folder/files, unknown hub id, no network, no safetensors
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"model: cannot load {model!r}: {first}") from e
         pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, unet=unet, vae=vae,
                    scheduler=scheduler, model_id=model, **kwargs)
         return pipe.to(dev)
@@ -161,16 +165,21 @@ class MiniDallePipeline:
         if self._model_hash is None:
             h = hashlib.sha256()
             for m in (self.unet, self.vae, self.text_encoder):
-                h.update(json.dumps(m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config),
-                                    sort_keys=True, default=str).encode())
+                config = m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config)
+                config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+                h.update(json.dumps(config, sort_keys=True, default=str).encode())  # where it came from: not hashed
                 # base weights only: LoRA layers (loaded or in training) must not change the fingerprint
                 sd = {k.replace(".base_layer.", "."): v for k, v in m.state_dict().items() if "lora_" not in k}
                 for key in sorted(sd)[:: max(1, len(sd) // 8)]:
                     h.update(key.encode())
                     h.update(sd[key].detach().float().cpu().numpy().tobytes())
-            h.update(json.dumps(dict(self.prior.config), sort_keys=True).encode())
-            for v in self.prior.state_dict().values():
-                h.update(v.detach().float().cpu().numpy().tobytes())
+            prior_config = {k: v for k, v in dict(self.prior.config).items() if not k.startswith("_")}
+            h.update(json.dumps(prior_config, sort_keys=True).encode())
+            if self.prior.base_is_identity:  # an identity prior is the same function whatever fc1/fc2 hold
+                h.update(b"identity-prior")
+            else:
+                for v in self.prior.state_dict().values():
+                    h.update(v.detach().float().cpu().numpy().tobytes())
             self._model_hash = h.hexdigest()[:16]
         return self._model_hash
 

@@ -63,10 +63,15 @@ class Prior(ModelMixin, ConfigMixin):
         self.mlp.zero_last()
 
     @property
+    def base_is_identity(self) -> bool:
+        """True when the base prior (adapters aside) maps h to exactly h."""
+        zero = not self.mlp.fc3.weight.any() and not self.mlp.fc3.bias.any()
+        return isinstance(self.proj, nn.Identity) and zero
+
+    @property
     def is_identity(self) -> bool:
         """True when the base prior adds nothing and no adapter is active."""
-        zero = not self.mlp.fc3.weight.any() and not self.mlp.fc3.bias.any()
-        return isinstance(self.proj, nn.Identity) and zero and not self._active
+        return self.base_is_identity and not self._active
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def new_adapter_mlp(self) -> PriorMLP:
