@@ -12,7 +12,8 @@ from minidalle.pipeline import MiniDallePipeline
 from minidalle.shapes import heldout_combos
 
 TINY = dict(n_images=64, vae_steps=2, vae_batch=8, unet_steps=3, batch_size=8, warmup_steps=1,
-            vae_channels=(16, 16, 16), unet_channels=(32, 32), text_width=32, text_layers=1)
+            vae_channels=(16, 16, 16), unet_channels=(32, 32), text_width=32, text_layers=1,
+            checkpoint_every=2)
 
 
 @pytest.fixture(scope="module")
