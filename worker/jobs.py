@@ -311,18 +311,19 @@ class JobStore:
         return self.r.xadd(events_key(job_id), {"type": type_, "data": json.dumps(data or {})},
                            maxlen=self.maxlen)
 
-    def progress(self, job_id: str, worker: str, data: dict, *, event: str = "progress") -> tuple[bool, bool]:
-        """Publish a progress event and record it; returns (cancel_requested, still_owned) in the same round trip."""
+    def publish_batch(self, job_id: str, worker: str, events: list[tuple[str, dict]]) -> tuple[bool, bool]:
+        """Append events (the last progress one is also recorded in the job) in one round trip; returns
+        (cancel_requested, still_owned_by_worker)."""
         p = self.r.pipeline(transaction=False)
-        p.xadd(events_key(job_id), {"type": event, "data": json.dumps(data)}, maxlen=self.maxlen)
-        if event == "progress":
-            p.hset(job_key(job_id), "progress", json.dumps(data))
+        progress = None
+        for kind, data in events:
+            p.xadd(events_key(job_id), {"type": kind, "data": json.dumps(data)}, maxlen=self.maxlen)
+            if kind == "progress":
+                progress = data
+        if progress is not None:
+            p.hset(job_key(job_id), "progress", json.dumps(progress))
         p.hmget(job_key(job_id), "cancel_requested", "worker", "state")
         cancel, owner, state = p.execute()[-1]
-        return cancel == "1", owner == worker and state == "running"
-
-    def should_stop(self, job_id: str, worker: str) -> tuple[bool, bool]:
-        cancel, owner, state = self.r.hmget(job_key(job_id), "cancel_requested", "worker", "state")
         return cancel == "1", owner == worker and state == "running"
 
     def finish(self, job_id: str, state: str, *, result: dict | None = None, error: str = "") -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,12 @@ class Stop(Cancelled):  # noqa: N818 - a Cancelled, so the trainer saves a check
 
 
 class JobRun:
-    """One claimed run of a job: heartbeat thread, per-step events, cancel / ownership / time-limit checks."""
+    """One claimed run of a job: heartbeat, per-step events, cancel / ownership / time-limit checks.
+
+    Events go through a publisher thread, so the compute loop never waits on a Redis round trip (on a busy host
+    that is milliseconds per step). The publisher refreshes the cancel/ownership flags with every batch, so a
+    cancel is seen at the next step or the one after.
+    """
 
     def __init__(self, store: JobStore, job: dict, worker: str, settings: WorkerSettings):
         self.store, self.job, self.worker, self.settings = store, job, worker, settings
@@ -42,15 +48,21 @@ class JobRun:
         self.deadline = time.monotonic() + limit
         self.timings = StepTimings(self.kind)
         self.lost = False
+        self.flags = (False, True)  # (cancel requested, still owned), as of the last published batch
         self._last = time.perf_counter()
         self._stop = threading.Event()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._beat = threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.id}", daemon=True)
+        self._pub = threading.Thread(target=self._publisher, name=f"events-{self.id}", daemon=True)
 
     def __enter__(self) -> JobRun:
         self._beat.start()
+        self._pub.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._events.put(None)
+        self._pub.join()
         self._stop.set()
         self._beat.join()
         self.timings.flush(self.store.r)
@@ -64,6 +76,32 @@ class JobRun:
             except Exception:  # noqa: BLE001 - Redis blips: the next beat retries
                 log.warning("heartbeat for %s failed", self.id, exc_info=True)
 
+    def _publisher(self) -> None:
+        while True:
+            batch = [self._events.get()]
+            while True:
+                try:
+                    batch.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            events = [b for b in batch if isinstance(b, tuple)]
+            if events:
+                try:
+                    self.flags = self.store.publish_batch(self.id, self.worker, events)
+                except Exception:  # noqa: BLE001 - progress events are best effort; the record decides
+                    log.warning("publishing events of %s failed", self.id, exc_info=True)
+            for b in batch:
+                if isinstance(b, threading.Event):
+                    b.set()
+            if None in batch:
+                return
+
+    def drain(self) -> None:
+        """Wait until every event published so far is in Redis (before events that must come after them)."""
+        done = threading.Event()
+        self._events.put(done)
+        done.wait()
+
     def step_done(self) -> float:
         now = time.perf_counter()
         took, self._last = now - self._last, now
@@ -71,8 +109,8 @@ class JobRun:
         return took
 
     def publish(self, data: dict, event: str = "progress") -> None:
-        cancel, owned = self.store.progress(self.id, self.worker, data, event=event)
-        self._raise_if_stopping(cancel, owned)
+        self._events.put((event, data))
+        self._raise_if_stopping(*self.flags)
 
     def _raise_if_stopping(self, cancel: bool, owned: bool) -> None:
         if cancel:
@@ -150,6 +188,7 @@ def _generate(run: JobRun) -> dict:
                num_inference_steps=req["num_inference_steps"], guidance_scale=req["guidance_scale"],
                height=req.get("height"), width=req.get("width"), num_images_per_prompt=req["num_images"],
                seed=req["seed"], scheduler=req.get("scheduler"), adapters=adapters, callback=on_step)
+    run.drain()  # every progress event before the image events
     images_dir = settings.data_dir / "jobs" / run.id / "images"
     images = []
     for i, (image, meta) in enumerate(zip(out.images, out.metadata, strict=True)):
