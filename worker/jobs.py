@@ -275,11 +275,6 @@ class JobStore:
                 counts[(kind, state)] += 1
         return counts
 
-    def events(self, job_id: str, after: str = "0") -> list[tuple[str, str, dict]]:
-        """(stream id, type, data) of the events after `after`, oldest first."""
-        lo = "-" if after == "0" else f"({after}"
-        return [decode_event(eid, f) for eid, f in self.r.xrange(events_key(job_id), min=lo)]
-
     def reserve_adapter_name(self, name: str, job_id: str) -> bool:
         """Hold an adapter name for a fine-tune until it ends; False if a live job holds it."""
         key = ADAPTER_RESERVATION + name
@@ -371,6 +366,3 @@ def decode_job(raw: dict[str, str]) -> dict:
         "error": raw.get("error") or None,
     }
 
-
-def decode_event(event_id: str, fields: dict[str, str]) -> tuple[str, str, dict]:
-    return event_id, fields.get("type", "message"), json.loads(fields.get("data") or "{}")

@@ -33,6 +33,10 @@ def _store(stack) -> JobStore:
 
 def test_cancel_queued_generate_never_starts(finetune_stack):
     s = finetune_stack
+    ready = s.http.get("/readyz")  # no worker yet: not ready, and it says which queues lack one
+    assert ready.status_code == 503
+    assert ready.json()["workers_ready"] == {"generate": 0, "finetune": 0}
+    assert "generate, finetune" in ready.json()["detail"]
     r = s.http.post("/generate", json={"prompt": "a cat", "num_inference_steps": 2})
     assert r.status_code == 202
     job_id = r.json()["job_id"]

@@ -1,0 +1,127 @@
+"""The job record's atomic transitions (Lua scripts) against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from _support.servers import start_redis
+
+from worker.jobs import ACTIVE_KEY, STATS_KEY, JobStore, events_key, job_key
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    r = redis.Redis.from_url(url, decode_responses=True)
+    yield r
+    r.close()
+    proc.stop()
+
+
+@pytest.fixture
+def store(client) -> JobStore:
+    client.flushdb()
+    return JobStore(client, ttl_s=120, events_maxlen=1000)
+
+
+def _events(store: JobStore, job_id: str) -> list[str]:
+    return [f["type"] for _, f in store.r.xrange(events_key(job_id))]
+
+
+def test_claim_runs_once_and_a_duplicate_delivery_is_busy(store):
+    job_id = store.create("generate", {"prompt": "x"})
+    assert store.claim(job_id, "w1", stale_after_s=30, max_attempts=3).outcome == "run"
+    second = store.claim(job_id, "w2", stale_after_s=30, max_attempts=3)
+    assert (second.outcome, second.detail) == ("busy", "w1")
+    assert store.get(job_id)["attempts"] == 1 and store.get(job_id)["worker"] == "w1"
+    assert _events(store, job_id) == ["queued", "started"]
+
+
+def test_stale_running_job_is_taken_over_and_the_old_owner_loses_it(store):
+    job_id = store.create("generate", {})
+    store.claim(job_id, "w1", stale_after_s=30, max_attempts=3)
+    store.r.hset(job_key(job_id), "heartbeat_at", "0")
+    assert store.claim(job_id, "w2", stale_after_s=30, max_attempts=3).outcome == "run"
+    assert store.get(job_id)["attempts"] == 2
+    assert store.heartbeat(job_id, "w1") is False  # w1's heartbeat thread notices: it stops at its next step
+    assert store.heartbeat(job_id, "w2") is True
+    assert store.publish_batch(job_id, "w1", [("progress", {"step": 1, "total": 2})]) == (False, False)
+
+
+def test_finish_happens_once_and_expires_with_stats(store):
+    job_id = store.create("generate", {})
+    store.claim(job_id, "w1", stale_after_s=30, max_attempts=3)
+    assert store.finish(job_id, "succeeded", result={"images": []}) is True
+    assert store.finish(job_id, "failed", error="late duplicate") is False
+    job = store.get(job_id)
+    assert job["state"] == "succeeded" and job["error"] is None and job["result"] == {"images": []}
+    assert 0 < store.r.ttl(job_key(job_id)) <= 120 and 0 < store.r.ttl(events_key(job_id)) <= 120
+    assert not store.r.sismember(ACTIVE_KEY, job_id)
+    assert store.r.hget(STATS_KEY, "generate:succeeded") == "1"
+    assert store.claim(job_id, "w2", stale_after_s=30, max_attempts=3).outcome == "finished"
+    last = store.r.xrevrange(events_key(job_id), count=1)[0][1]
+    assert last["type"] == "succeeded" and json.loads(last["data"])["result"] == {"images": []}
+
+
+def test_cancel_queued_vs_running_vs_finished(store):
+    queued = store.create("generate", {})
+    assert store.cancel(queued) == "cancelled"
+    assert store.get(queued)["state"] == "cancelled"
+    assert store.claim(queued, "w1", stale_after_s=30, max_attempts=3).outcome == "finished"
+
+    running = store.create("finetune", {"name": "a"})
+    store.claim(running, "w1", stale_after_s=30, max_attempts=3)
+    assert store.cancel(running) == "requested"
+    assert store.cancel(running) == "requested"  # idempotent: one event
+    assert _events(store, running).count("cancel_requested") == 1
+    assert store.publish_batch(running, "w1", [("progress", {"step": 1, "total": 9})]) == (True, True)
+    assert store.get(running)["state"] == "running"
+    store.finish(running, "cancelled")
+    assert store.cancel(running) == "finished"
+    assert store.cancel("0" * 32) == "missing"
+
+
+def test_reconcile_requeues_stale_enqueues_orphans_and_gives_up(store):
+    stale = store.create("generate", {})
+    store.claim(stale, "w1", stale_after_s=30, max_attempts=3)
+    store.r.hset(job_key(stale), "heartbeat_at", "0")
+    fresh = store.create("generate", {})
+    store.claim(fresh, "w1", stale_after_s=30, max_attempts=3)
+    orphan = store.create("generate", {})  # recorded, never enqueued
+    kw = dict(stale_after_s=30, max_attempts=3, enqueue_grace_s=10)
+    assert store.reconcile_one(stale, **kw) == "requeue"
+    assert store.get(stale)["state"] == "queued" and "requeued" in _events(store, stale)
+    assert store.reconcile_one(fresh, **kw) == "ok"
+    assert store.reconcile_one(orphan, **kw) == "ok"  # still inside the grace period
+    store.r.hset(job_key(orphan), "created_at", "0")
+    assert store.reconcile_one(orphan, **kw) == "enqueue"
+    assert store.reconcile_one(orphan, **kw) == "ok"  # marked enqueued: once
+    store.r.hset(job_key(stale), mapping={"state": "running", "attempts": 3, "heartbeat_at": "0"})
+    assert store.reconcile_one(stale, **kw) == "exhausted"
+
+
+def test_adapter_name_hold(store):
+    a = store.create("finetune", {"name": "x"})
+    assert store.reserve_adapter_name("x", a) is True
+    b = store.create("finetune", {"name": "x"})
+    assert store.reserve_adapter_name("x", b) is False
+    store.finish(a, "failed", error="boom")  # ended without releasing: the hold is stale
+    assert store.reserve_adapter_name("x", b) is True
+    store.release_adapter_name("x", a)  # not the holder: no effect
+    assert store.r.get("minidalle:adapter-reserved:x") == b
+
+
+def test_list_filters_and_counts(store):
+    ids = [store.create("generate", {}) for _ in range(3)] + [store.create("finetune", {"name": "n"})]
+    store.finish(ids[0], "failed", error="x")
+    jobs = store.list(kind="generate", limit=10)
+    assert [j["id"] for j in jobs] == ids[2::-1]
+    assert [j["id"] for j in store.list(state="failed")] == [ids[0]]
+    assert [j["id"] for j in store.list(limit=2)] == [ids[3], ids[2]]
+    counts = store.counts()
+    assert counts[("generate", "queued")] == 2 and counts[("generate", "failed")] == 1
+    assert counts[("finetune", "queued")] == 1
+    store.r.delete(job_key(ids[1]))  # expired: dropped from the index while listing
+    assert ids[1] not in [j["id"] for j in store.list(limit=10)]
