@@ -29,14 +29,15 @@ _FIELDS = ("shape_color", "background_color", "shape")
 
 
 def _load(pipe_or_model):
+    """A pipeline as given (anything called like MiniDallePipeline), or loaded from a folder / hub id."""
     from minidalle.pipeline import MiniDallePipeline
 
-    if isinstance(pipe_or_model, MiniDallePipeline):
-        return pipe_or_model
     if pipe_or_model is None or isinstance(pipe_or_model, str) or hasattr(pipe_or_model, "__fspath__"):
         return MiniDallePipeline.from_pretrained(None if pipe_or_model is None else str(pipe_or_model),
                                                  device="cpu")
-    raise ValueError(f"model: expected a MiniDallePipeline or a model folder / hub id, got {type(pipe_or_model)}")
+    if not callable(pipe_or_model):
+        raise ValueError(f"model: expected a pipeline or a model folder / hub id, got {type(pipe_or_model)}")
+    return pipe_or_model
 
 
 def _score(images, expected: Sequence[tuple[str, str, str]]) -> dict:
@@ -93,7 +94,7 @@ def evaluate(pipe_or_model_path=None, *, seeds: Sequence[int] = DEFAULT_SEEDS,
     expected = [(c.shape_color, c.shape, c.background_color) for _ in seeds for c in combos]
     result = _score([np.asarray(im.convert("RGB")) for im in images], expected)
     result.update(n_prompts=len(combos), seeds=list(seeds), steps=steps, guidance=guidance,
-                  seconds=round(time.monotonic() - t, 1), model=pipe.model_id)
+                  seconds=round(time.monotonic() - t, 1), model=getattr(pipe, "model_id", "custom"))
     return result
 
 
@@ -113,6 +114,69 @@ def vae_ceiling(pipe_or_model_path=None, n: int = 500, *, seed: int = 1234, spli
     rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample  # (N, 3, R, R) in ~[-1, 1]
     rec = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return _score(list(rec), [(c.shape_color, c.shape, c.background_color) for c in combos])
+
+
+def evaluate_concept(pipe_or_model_path=None, concept: shapes.Concept = shapes.Concept(), *,
+                     seeds: Sequence[int] = DEFAULT_SEEDS, steps: int = DEFAULT_STEPS,
+                     guidance: float = DEFAULT_GUIDANCE, adapters: Sequence[tuple[str, float]] = (),
+                     progress: bool = True) -> dict:
+    """How often prompts using the invented word ("a zorb on a blue background") draw the concept."""
+    pipe = _load(pipe_or_model_path)
+    backgrounds = [b for b in shapes.BACKGROUNDS if b != concept.shape_color]
+    images = generate_grid(pipe, [concept.caption(b) for b in backgrounds], seeds=seeds, steps=steps,
+                           guidance=guidance, adapters=adapters, progress=progress)
+    expected = [(concept.shape_color, concept.shape, b) for _ in seeds for b in backgrounds]
+    r = _score([np.asarray(im.convert("RGB")) for im in images], expected)
+    # the concept is "found" when both its colour and its shape are drawn (background is scored separately)
+    hits = 0
+    for im, (color, shape, _) in zip(images, expected, strict=True):
+        v = judge(np.asarray(im.convert("RGB")))
+        hits += v.shape_color == color and v.shape == shape
+    r["concept_accuracy"] = hits / len(expected)
+    return r
+
+
+def lora_teach(model: str, work_dir, *, concept: shapes.Concept = shapes.Concept(), n_images: int = 12,
+               train_prior: bool = True, seeds: Sequence[int] = DEFAULT_SEEDS, steps: int = DEFAULT_STEPS,
+               guidance: float = DEFAULT_GUIDANCE, progress: bool = True, train_steps: int | None = None,
+               **train_overrides) -> dict:
+    """Fine-tune LoRA (default settings unless overridden) on `n_images` of the concept; score before and after.
+
+    `steps` / `guidance` / `seeds` are for generation; `train_steps` and `train_overrides` go to TrainConfig.
+
+    Returns concept accuracy and held-out base accuracy without and with the adapter, plus the training time.
+    """
+    from pathlib import Path
+
+    from minidalle.pipeline import MiniDallePipeline
+    from minidalle.trainer import TrainConfig, train
+
+    if not 8 <= n_images <= 64:
+        raise ValueError(f"n_images: must be in [8, 64], got {n_images!r}")
+    work = Path(work_dir)
+    pipe = MiniDallePipeline.from_pretrained(model, device="cpu")
+    data = shapes.write_concept_imagefolder(work / "data", n_images, seed=0, concept=concept,
+                                            resolution=pipe.default_height)
+    if train_steps is not None:
+        train_overrides["steps"] = train_steps
+    cfg = TrainConfig(dataset_dir=str(data), output_dir=str(work / "adapter"), model=model,
+                      train_prior=train_prior, checkpoint_every=0, resume=False, **train_overrides)
+    t = time.process_time()
+    result = train(cfg)
+    cpu_s = time.process_time() - t
+    kw = dict(seeds=seeds, steps=steps, guidance=guidance, progress=progress)
+    ad = [(str(result.adapter_dir), 1.0)]
+    out = dict(train_prior=train_prior, train_steps=result.steps, train_cpu_seconds=round(cpu_s, 1),
+               train_wall_seconds=round(result.seconds, 1), final_loss=result.loss)
+    for tag, adapters in (("before", ()), ("after", ad)):
+        c = evaluate_concept(pipe, concept, adapters=adapters, **kw)
+        h = evaluate(pipe, adapters=adapters, **kw)
+        out[f"concept_accuracy_{tag}"] = c["concept_accuracy"]
+        out[f"heldout_{tag}"] = {k: h[k] for k in ("shape_color_accuracy", "background_color_accuracy",
+                                                    "shape_accuracy", "all_accuracy")}
+    out["heldout_drop_points"] = {k: round(100 * (out["heldout_before"][k] - out["heldout_after"][k]), 1)
+                                  for k in out["heldout_before"]}
+    return out
 
 
 def format_table(rows: dict[str, dict]) -> str:
