@@ -254,3 +254,30 @@ def write_concept_imagefolder(
 ) -> Path:
     images, captions = concept_dataset(n, seed=seed, concept=concept, resolution=resolution)
     return _write(out_dir, list(zip(images, captions, strict=True)))
+
+
+def shapes_main(argv: list[str] | None = None) -> int:
+    """`minidalle shapes --out DIR [--n N] [--seed S] [--split train|heldout|concept] [--resolution R]`"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="minidalle shapes", description="Write the shapes dataset as an imagefolder.")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=1000, help="number of images")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", choices=("train", "heldout", "concept"), default="train",
+                    help="concept: images of the invented word 'zorb' (an orange cross) for LoRA fine-tuning")
+    ap.add_argument("--resolution", type=int, default=32)
+    args = ap.parse_args(argv)
+    try:
+        if args.split == "concept":
+            out = write_concept_imagefolder(args.out, args.n, seed=args.seed, resolution=args.resolution)
+        else:
+            out = write_imagefolder(args.out, args.n, seed=args.seed, split=args.split, resolution=args.resolution)
+    except ValueError as e:
+        ap.error(str(e))
+    print(f"wrote {args.n} images + metadata.jsonl to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(shapes_main())

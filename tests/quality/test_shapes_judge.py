@@ -99,3 +99,12 @@ def test_concept_set():
         assert (v.shape_color, v.shape) == (concept.shape_color, concept.shape)
     with pytest.raises(ValueError, match="concept.shape"):
         shapes.concept_dataset(2, seed=0, concept=shapes.Concept(shape="blob"))
+
+
+def test_shapes_cli(tmp_path, capsys):
+    assert shapes.shapes_main(["--out", str(tmp_path / "c"), "--n", "8", "--split", "concept"]) == 0
+    rows = (tmp_path / "c" / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 8 and all("zorb" in json.loads(r)["text"] for r in rows)
+    with pytest.raises(SystemExit):
+        shapes.shapes_main(["--out", str(tmp_path / "d"), "--n", "-1"])
+    assert "n must be" in capsys.readouterr().err
