@@ -34,6 +34,7 @@ FLAG_FOR_FIELD = {
     "adapter": "--adapter",
     "model": "--model",
     "torch_dtype": "--dtype",
+    "device": "--device",
     "dataset_dir": "DATASET_DIR",
     "output_dir": "--out",
     "learning_rate": "--learning-rate",
@@ -374,8 +375,27 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+def _check_device(text: str | None) -> None:
+    """A device torch can parse and this machine has; else ValueError (torch would raise deep inside .to())."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"device: {text!r} is not a device name (cpu, cuda, cuda:1, mps, …)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            raise ValueError(f"device: {text} is not available (this machine has {n} CUDA device(s))")
+    elif dev.type == "mps" and not (torch.backends.mps.is_available()):
+        raise ValueError(f"device: {text} is not available on this machine")
+
+
 def _load_pipeline(model: str | None, device: str | None, dtype: str | None):
     _quiet_libraries()
+    _check_device(device)
     from minidalle.pipeline import MiniDallePipeline
 
     if model is not None and not os.path.isdir(model) and (os.path.exists(model) or model.startswith((".", "/"))):

@@ -91,6 +91,8 @@ def test_generate_with_adapters_and_scales(make_adapter, tmp_path, capsys):
     (["generate", "x", "--out", "{tmp}", "--scheduler", "nope"], "--scheduler: unknown scheduler 'nope'"),
     (["generate", "x", "--out", "{tmp}", "--adapter", "{tmp}/missing:0.5"], "--adapter"),
     (["generate", "x", "--out", "{tmp}", "--model", "{tmp}/no-model"], "--model"),
+    (["generate", "x", "--out", "{tmp}", "--device", "toaster"], "--device: 'toaster' is not a device name"),
+    (["generate", "x", "--out", "{tmp}", "--device", "cuda:99"], "--device: cuda:99 is not available"),
     (["generate", "red " * 100, "--out", "{tmp}"], "prompt: 100 tokens"),
     (["generate", "x", "--out", "{tmp}", "--negative-prompt", "red " * 90], "--negative-prompt: 90 tokens"),
     (["finetune", "{tmp}/no-data", "--out", "{tmp}/a"], "DATASET_DIR"),
