@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -27,9 +28,14 @@ from minidalle.evaluate import (
     format_table,
     judge_dataset_accuracy,
     lora_teach,
+    make_grid,
     vae_ceiling,
 )
 
+# three held-out combinations (never trained on) and the invented word (meaningless to the base model)
+GRID_PROMPTS = ("a red circle on an orange background", "a yellow triangle on a black background",
+                "a green cross on a blue background", "a zorb on a green background",
+                "a zorb on a white background")
 GOALS = dict(shape_color_accuracy=0.97, background_color_accuracy=0.97, shape_accuracy=0.90)
 
 
@@ -42,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     ap.add_argument("--lora", action="store_true", help="also run the LoRA-teaching benchmark")
     ap.add_argument("--lora-steps", type=int, default=None, help="override the trainer's default steps")
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="write grid PNGs here: base.png, and with --lora lora.png (prompts x seeds)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # shared CPUs: a second torch thread mostly spins
@@ -60,11 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         gen = rows["generated, held-out"]
         print("goals: " + ", ".join(f"{k} {100 * gen[k]:.1f}% (>= {100 * v:.0f}%: {'ok' if gen[k] >= v else 'MISS'})"
                                     for k, v in GOALS.items()))
+    if args.grid:
+        args.grid.mkdir(parents=True, exist_ok=True)
+        make_grid(args.model, GRID_PROMPTS, seeds=seeds, steps=args.steps, guidance=args.guidance).save(
+            args.grid / "base.png")
     if args.lora:
         report["lora"] = []
         for train_prior in (True, False):
             with tempfile.TemporaryDirectory() as tmp:
                 r = lora_teach(args.model, tmp, train_prior=train_prior, train_steps=args.lora_steps, **kw)
+                if args.grid and train_prior:
+                    make_grid(args.model, GRID_PROMPTS, seeds=seeds, steps=args.steps, guidance=args.guidance,
+                              adapters=[(str(Path(tmp) / "adapter"), 1.0)]).save(args.grid / "lora.png")
             report["lora"].append(r)
             if not args.json:
                 print(f"LoRA (train_prior={train_prior}): {r['train_steps']} steps, {r['train_cpu_seconds']} CPU-s; "

@@ -41,7 +41,7 @@ MARGIN = 0.07  # fraction of the side kept as pure background around the shape: 
 COLOR_JITTER = 6  # +- per channel, per image: real-looking variation that never crosses palette boundaries
 SUPERSAMPLE = 4  # anti-aliasing factor for rendering shape coverage
 
-WORDS: tuple[str, ...] = ("a", "on", "background", *COLORS, *SHAPES)
+WORDS: tuple[str, ...] = ("a", "an", "on", "background", *COLORS, *SHAPES)
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,16 @@ class Concept:
     shape: str = "cross"
 
     def caption(self, background_color: str) -> str:
-        return f"a {self.word} on a {background_color} background"
+        return f"{article(self.word)} {self.word} on {article(background_color)} {background_color} background"
+
+
+def article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def caption(shape_color: str, shape: str, background_color: str) -> str:
-    return f"a {shape_color} {shape} on a {background_color} background"
+    """ "a red circle on an orange background" """
+    return f"{article(shape_color)} {shape_color} {shape} on {article(background_color)} {background_color} background"
 
 
 def all_combos() -> list[Combo]:

@@ -11,8 +11,8 @@ from PIL import Image
 from minidalle import shapes
 from minidalle.evaluate import eval_main, evaluate, evaluate_concept, format_table, judge_dataset_accuracy
 
-CAPTION = re.compile(r"a (\w+) (\w+) on a (\w+) background")
-CONCEPT = re.compile(r"a zorb on a (\w+) background")
+CAPTION = re.compile(r"an? (\w+) (\w+) on an? (\w+) background")
+CONCEPT = re.compile(r"a zorb on an? (\w+) background")
 
 
 class DrawingPipe:

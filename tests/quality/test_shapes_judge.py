@@ -108,3 +108,9 @@ def test_shapes_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         shapes.shapes_main(["--out", str(tmp_path / "d"), "--n", "-1"])
     assert "n must be" in capsys.readouterr().err
+
+
+def test_captions_read_naturally():
+    assert shapes.caption("orange", "circle", "blue") == "an orange circle on a blue background"
+    assert shapes.caption("red", "square", "orange") == "a red square on an orange background"
+    assert shapes.Concept().caption("white") == "a zorb on a white background"
