@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+from fastapi.concurrency import run_in_threadpool
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
 from service.middleware import BodySizeLimit, RequestMetrics
+from service.model_info import get_model_info
 from service.routes import datasets, files, finetune, generate, health, jobs
 from service.settings import ApiSettings, get_settings
 from worker.jobs import JobStore
 
+log = logging.getLogger(__name__)
 DESCRIPTION = """Text-to-image generation and LoRA fine-tuning on a queue of GPU workers.
 
 Every job is asynchronous: `POST /generate` or `POST /finetune` answers `202` with links; follow
@@ -29,6 +33,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
     @asynccontextmanager
     async def lifespan(app):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:  # tokenizer and model configs now, so the first request does not pay for them
+            await run_in_threadpool(get_model_info, settings.model)
+        except Exception:  # noqa: BLE001 - /generate will report it; /healthz must still answer
+            log.exception("could not read model %r", settings.model or "(embedded)")
         yield
         await app.state.aredis.aclose()
         app.state.store.r.close()

@@ -52,8 +52,8 @@ class QueueCollector(Collector):
 
     def collect(self):
         r = self.store.r
-        jobs = GaugeMetricFamily("minidalle_jobs", "Jobs by kind and state (ended ones until they expire from "
-                                 "the counters: never)", labels=["kind", "state"])
+        jobs = GaugeMetricFamily("minidalle_jobs", "Jobs by kind and state: queued/running now, and how many "
+                                 "ever ended in each final state", labels=["kind", "state"])
         for (kind, state), n in self.store.counts().items():
             jobs.add_metric([kind, state], n)
         yield jobs

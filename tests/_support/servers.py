@@ -200,8 +200,9 @@ class Stack:
             raise
         self.http = httpx.Client(base_url=self.base_url or "http://invalid", timeout=60)
 
-    def add_worker(self, name: str, queues: str = "generate,finetune") -> Proc:
-        proc = start_worker(self.env, name=name, queues=queues, log_dir=self.log_dir, redis_url=self.redis_url)
+    def add_worker(self, name: str, queues: str = "generate,finetune", **env_overrides: str) -> Proc:
+        proc = start_worker({**self.env, **env_overrides}, name=name, queues=queues, log_dir=self.log_dir,
+                            redis_url=self.redis_url)
         self.procs.append(proc)
         self.workers[name] = proc
         return proc

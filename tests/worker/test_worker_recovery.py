@@ -124,3 +124,17 @@ def test_job_that_keeps_killing_workers_fails_after_max_attempts(finetune_stack)
     job = wait_job(s.http, job_id, timeout=30)  # worker ft2's reconciler gives up on it
     assert job["state"] == "failed" and job["attempts"] == 3
     assert "gave up after 3 attempts" in job["error"]
+
+
+def test_time_limit_fails_the_job_and_keeps_the_checkpoint(finetune_stack):
+    s = finetune_stack
+    s.workers["ft2"].stop()  # the last test of the module: only the limited worker below takes fine-tunes now
+    s.add_worker("ft-limited", "finetune", MINIDALLE_FINETUNE_TIME_LIMIT_S="1")
+    r = s.http.post("/datasets", files={"file": ("d.zip", shapes_dataset_zip(2), "application/zip")})
+    r = s.http.post("/finetune", json={"name": "too-slow", "dataset_id": r.json()["dataset_id"], "steps": 5000,
+                                       "checkpoint_every": 1000})
+    job = wait_job(s.http, r.json()["job_id"], timeout=60)
+    assert job["state"] == "failed" and job["error"] == "time limit exceeded (1 s)", job
+    assert 0 < job["progress"]["step"] < 5000
+    assert list((s.data_dir / "jobs" / job["id"] / "checkpoints").glob("step-*"))  # saved when it stopped
+    assert s.http.get("/adapters/too-slow").status_code == 404
