@@ -179,6 +179,26 @@ def lora_teach(model: str, work_dir, *, concept: shapes.Concept = shapes.Concept
     return out
 
 
+def make_grid(pipe_or_model_path, prompts: Sequence[str], *, seeds: Sequence[int] = DEFAULT_SEEDS,
+              steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+              adapters: Sequence[tuple[str, float]] = (), upscale: int = 4):
+    """One PIL image: a row per prompt, a column per seed, each cell upscaled (nearest) `upscale` times."""
+    from PIL import Image
+
+    pipe = _load(pipe_or_model_path)
+    images = generate_grid(pipe, list(prompts), seeds=seeds, steps=steps, guidance=guidance, adapters=adapters,
+                           progress=False)  # seed-major
+    w, h = images[0].size
+    cw, ch = w * upscale, h * upscale
+    grid = Image.new("RGB", (cw * len(seeds) + 2 * (len(seeds) - 1), ch * len(prompts) + 2 * (len(prompts) - 1)),
+                     "white")
+    for si in range(len(seeds)):
+        for pi in range(len(prompts)):
+            cell = images[si * len(prompts) + pi].resize((cw, ch), Image.NEAREST)
+            grid.paste(cell, (si * (cw + 2), pi * (ch + 2)))
+    return grid
+
+
 def format_table(rows: dict[str, dict]) -> str:
     """Rows of accuracies as a fixed-width text table."""
     cols = ("shape_color_accuracy", "background_color_accuracy", "shape_accuracy", "all_accuracy", "n_images")
@@ -205,6 +225,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     """`minidalle eval`: held-out prompt accuracy of a model, plus the judge's and the VAE's ceilings."""
     ap = argparse.ArgumentParser(prog="minidalle eval", description=eval_main.__doc__)
     ap.add_argument("--model", default=None, help="model folder or hub id (default: the embedded model)")
+    ap.add_argument("--adapter", action="append", default=[], metavar="DIR_OR_NAME[:SCALE]",
+                    help="evaluate with this LoRA adapter active (repeatable)")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     ap.add_argument("--seeds", type=_parse_seeds, default=DEFAULT_SEEDS, help="comma-separated, e.g. 0,1,2,3")
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -212,8 +234,18 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps must be a positive int, got {args.steps}")
+    adapters = []
+    for item in args.adapter:
+        ref, _, scale = item.rpartition(":") if ":" in item else (item, "", "1")
+        try:
+            adapters.append((ref, float(scale)))
+        except ValueError:
+            ap.error(f"--adapter: scale must be a number, got {item!r}")
     pipe = _load(args.model)
-    result = evaluate(pipe, seeds=args.seeds, steps=args.steps, guidance=args.guidance, progress=not args.json)
+    result = evaluate(pipe, seeds=args.seeds, steps=args.steps, guidance=args.guidance, adapters=adapters,
+                      progress=not args.json)
+    if adapters:
+        result["adapters"] = [list(a) for a in adapters]
     judge_real = judge_dataset_accuracy()
     ceiling = vae_ceiling(pipe)
     if args.json:
