@@ -177,9 +177,33 @@ def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) ->
     if declared > limits.max_uncompressed_bytes:
         raise UploadRejected(f"file: the archive expands to {declared} bytes; at most "
                              f"{limits.max_uncompressed_bytes} are allowed")
-    notes: list[str] = []
-    members: list[tuple[zipfile.ZipInfo, PurePosixPath, str]] = []
-    ignored = 0
+    members, notes = _classify(infos)
+    # 1. copy, counting real bytes
+    tmp.mkdir(parents=True)
+    root = tmp.resolve()
+    budget = limits.max_uncompressed_bytes
+    for info, rel, _ in members:
+        target = tmp.joinpath(*rel.parts)
+        if not target.resolve().is_relative_to(root):  # belt and braces on top of the name checks
+            raise UploadRejected(f"file: member {info.filename!r} points outside the dataset folder")
+        budget -= _copy_member(zf, info, target, budget)
+    # 2. every image decodes
+    images = {rel for _, rel, kind in members if kind == "image"}
+    if not images:
+        raise UploadRejected("file: the archive contains no images")
+    for info, rel, kind in members:
+        if kind == "image":
+            _check_image(tmp.joinpath(*rel.parts), info.filename, limits.max_image_pixels)
+    # 3. captions, by the same rules as minidalle.data.scan_dataset
+    metadata = [rel for _, rel, kind in members if kind == "metadata"]
+    if metadata:
+        return _finish_imagefolder(tmp, dataset_id, metadata[0], images, notes)
+    return _finish_kohya(tmp, dataset_id, members, images, notes)
+
+
+def _classify(infos: list[zipfile.ZipInfo]) -> tuple[list[tuple[zipfile.ZipInfo, PurePosixPath, str]], list[str]]:
+    """Safe relative paths and kinds (image | caption | metadata) of the members to extract, and notes."""
+    members, ignored = [], 0
     for info in infos:
         rel = _member_path(info)
         if rel is None:
@@ -189,7 +213,7 @@ def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) ->
             continue
         suffix = rel.suffix.lower()
         if rel.name == METADATA_FILE:
-            kind = "metadata"
+            kind = "metadata" if len(rel.parts) == 1 else "nested-metadata"
         elif suffix in IMAGE_EXTS:
             kind = "image"
         elif suffix == CAPTION_EXT:
@@ -197,57 +221,32 @@ def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) ->
         else:
             raise UploadRejected(f"file: member {info.filename!r} is not an image ({', '.join(sorted(IMAGE_EXTS))}), "
                                  f"a caption (.txt) or {METADATA_FILE}")
-        if kind == "metadata" and len(rel.parts) > 1:
-            kind = "nested-metadata"
         members.append((info, rel, kind))
     members = _strip_common_folder(members)
     for info, _rel, kind in members:
         if kind == "nested-metadata":
             raise UploadRejected(f"file: member {info.filename!r}: {METADATA_FILE} must be at the top of the "
                                  "archive (next to the images it lists)")
-    if ignored:
-        notes.append(f"ignored {ignored} hidden or __MACOSX member(s)")
+    return members, [f"ignored {ignored} hidden or __MACOSX member(s)"] if ignored else []
 
-    tmp.mkdir(parents=True)
-    root = tmp.resolve()
-    budget = limits.max_uncompressed_bytes
-    for info, rel, _ in members:
-        target = tmp.joinpath(*rel.parts)
-        if not target.resolve().is_relative_to(root):  # belt and braces on top of the name checks
-            raise UploadRejected(f"file: member {info.filename!r} points outside the dataset folder")
-        budget -= _copy_member(zf, info, target, budget)
 
-    images = {rel for _, rel, kind in members if kind == "image"}
-    if not images:
-        raise UploadRejected("file: the archive contains no images")
-    for info, rel, kind in members:
-        if kind == "image":
-            _check_image(tmp.joinpath(*rel.parts), info.filename, limits.max_image_pixels)
-
-    metadata = [rel for _, rel, kind in members if kind == "metadata"]
-    if metadata:
-        return _finish_imagefolder(tmp, dataset_id, metadata[0], images, notes)
-    captions: dict[PurePosixPath, str] = {}
-    for info, rel, kind in members:
-        if kind != "caption":
-            continue
-        stems = [rel.with_suffix(ext) for ext in IMAGE_EXTS] + [rel.with_suffix(ext.upper()) for ext in IMAGE_EXTS]
-        image = next((s for s in stems if s in images), None)
-        if image is None:
-            notes.append(f"caption {info.filename!r} has no image; ignored")
-            continue
-        try:
-            text = tmp.joinpath(*rel.parts).read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise UploadRejected(f"file: member {info.filename!r} is not UTF-8 text") from e
-        captions.setdefault(image, text)
+def _finish_kohya(tmp: Path, dataset_id: str, members: list, images: set[PurePosixPath],
+                  notes: list[str]) -> Extracted:
+    """img.png + img.txt: every image needs its caption file; a caption without an image is ignored."""
+    captions = {rel: info.filename for info, rel, kind in members if kind == "caption"}
     for img in sorted(images):
-        if img not in captions:
-            raise UploadRejected(f"file: member {str(img)!r} has no caption; add {str(img.with_suffix('.txt'))!r} "
-                                 f"or a line in {METADATA_FILE}")
-        if not captions[img].strip():
+        cap = img.with_suffix(CAPTION_EXT)
+        if cap not in captions:
+            raise UploadRejected(f"file: member {str(img)!r} has no caption; add {str(cap)!r} or a line in "
+                                 f"{METADATA_FILE}")
+        try:
+            text = tmp.joinpath(*cap.parts).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UploadRejected(f"file: member {captions[cap]!r} is not UTF-8 text") from e
+        if not text.strip():
             notes.append(f"image {str(img)!r} has an empty caption")
-
+    used = {img.with_suffix(CAPTION_EXT) for img in images}
+    notes += [f"caption {name!r} has no image; ignored" for rel, name in sorted(captions.items()) if rel not in used]
     return _write_info(tmp, dataset_id, len(images), notes)
 
 
@@ -277,6 +276,6 @@ def _strip_common_folder(members: list) -> list:
     for info, rel, kind in members:
         rel = PurePosixPath(*rel.parts[1:])
         if kind == "nested-metadata" and len(rel.parts) == 1:
-            kind = "metadata"
+            kind = "metadata"  # it was under the single top folder: at the top after all
         out.append((info, rel, kind))
     return out
