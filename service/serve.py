@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--workers: must be at least 1")
     if not 0 <= args.port <= 65535:
         ap.error("--port: must be in [0, 65535]")
+    from worker.celery_app import QUEUES
+
+    unknown = [q for q in args.queues.split(",") if q.strip() not in QUEUES]
+    if unknown or not args.queues.strip():
+        ap.error(f"--queues: unknown queue(s) {unknown}; choose from {','.join(QUEUES)}")
     return args
 
 

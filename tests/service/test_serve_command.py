@@ -78,8 +78,11 @@ def test_serve_starts_everything_generates_and_ctrl_c_stops_all(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_serve_rejects_bad_options():
+@pytest.mark.parametrize("args,message", [(["--workers", "0"], "--workers: must be at least 1"),
+                                          (["--queues", "generate,render"], "--queues: unknown queue(s) ['render']"),
+                                          (["--port", "70000"], "--port: must be in [0, 65535]")])
+def test_serve_rejects_bad_options(args, message):
     r = subprocess.run([sys.executable, "-c", "import sys; from service.serve import serve_main; "
-                        "sys.exit(serve_main(sys.argv[1:]))", "--workers", "0"], cwd=REPO, capture_output=True,
+                        "sys.exit(serve_main(sys.argv[1:]))", *args], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode == 2 and "--workers: must be at least 1" in r.stderr
+    assert r.returncode == 2 and message in r.stderr, r.stderr
