@@ -16,7 +16,8 @@ def format_parameters(meta: dict[str, Any]) -> str:
     lines = [meta.get("prompt", "")]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    pairs = [("Steps", meta.get("steps")), ("Sampler", meta.get("scheduler")), ("CFG scale", meta.get("guidance_scale")),
+    pairs = [("Steps", meta.get("steps")), ("Sampler", meta.get("scheduler")),
+             ("CFG scale", meta.get("guidance_scale")),
              ("Seed", meta.get("seed")), ("Size", f"{meta.get('width')}x{meta.get('height')}"),
              ("Model", meta.get("model")), ("Model hash", meta.get("model_hash"))]
     for name, scale in meta.get("adapters") or []:
