@@ -1,8 +1,9 @@
 """A deterministic judge of one generated shapes image: which colours, which shape, and how well it fits.
 
 1. background colour: nearest palette colour to the median of the border pixels (the dataset keeps a margin);
-2. shape mask: pixels whose distance from that median is more than half the largest such distance
-   (i.e. closer to the shape colour than to the background), no mask when nothing stands out;
+2. shape mask: pixels whose distance from that median is more than half the shape's contrast (the 98th
+   percentile distance: the smallest shape covers > 5 % of the image), i.e. closer to the shape colour than to
+   the background; no mask when nothing stands out;
 3. shape colour: nearest palette colour to the median of the mask pixels;
 4. shape: the template (any shape, any size in the dataset's range +- 2 px, any position near the mask's
    centroid) with the best IoU against the mask. Strict rule: the shape is named only when that IoU >= 0.7,
@@ -101,7 +102,7 @@ def shape_mask(image) -> tuple[np.ndarray, np.ndarray]:
     arr = _to_array(image)
     bg = np.median(_border(arr), axis=0)
     dist = np.sqrt(((arr - bg) ** 2).sum(axis=-1))  # (R, R)
-    peak = float(dist.max())
+    peak = float(np.percentile(dist, 98))  # the shape's own contrast; a few stray pixels cannot raise the bar
     if peak < MIN_CONTRAST:
         return np.zeros(dist.shape, dtype=bool), bg
     return dist > 0.5 * peak, bg
