@@ -3,8 +3,9 @@
 Both sides end in the same state: a pipeline ready to generate with adapter i. The switch loads adapter i's folder
 onto the resident base (LoRA into the UNet, prior MLP) and unloads the previous one; the reload builds the pipeline
 from disk and then loads adapter i. Repeats alternate between several adapters and interleave the two sides; the
-ratio is median(reload) / median(switch). Goal: ≥ 20×. A warm switch (adapters already resident, only the active
-set changes) is timed as well, including the one-step generation it takes to apply it.
+ratio is median(reload) / median(switch). Goal: ≥ 20×. Two switches are timed: cold (the adapter's folder is read
+and injected) and warm (adapters already resident in the LRU cache, only the active set changes: what a request
+naming a cached adapter costs). The reload reads from the OS page cache after the warm-up, i.e. its best case.
 
     python bench/adapter_switch.py                         # the embedded tiny model
     python bench/adapter_switch.py --model path/or/hub-id  # any model in the diffusers layout
@@ -112,29 +113,31 @@ def main(argv: list[str] | None = None) -> int:
             fn(folder)
             times[name].append(time.perf_counter() - t0)
 
-    # warm switch: every adapter resident, the request just names a different one (1 denoising step)
+    # warm switch: every adapter resident (the worker's LRU cache), a request names a different one. This is the
+    # step a generate request runs before denoising (`_activate`: set_adapters on the UNet + the prior's active set)
     for i, folder in enumerate(folders):
         pipe.load_adapter(folder, name=f"warm{i}")
-    warm, plain = [], []
-    size = 64 if args.sd15_random else None  # 8x8 latents: the generation only has to apply the adapter
-    for r in range(args.repeats):
-        for sink, adapters in ((warm, [(f"warm{r % len(folders)}", 1.0)]), (plain, [])):
-            t0 = time.perf_counter()
-            pipe("a red circle", num_inference_steps=1, seed=0, adapters=adapters, height=size, width=size)
-            sync(pipe)
-            sink.append(time.perf_counter() - t0)
+    warm = []
+    for r in range(max(args.repeats, 9)):
+        t0 = time.perf_counter()
+        pipe._activate([(f"warm{r % len(folders)}", 1.0)])
+        sync(pipe)
+        warm.append(time.perf_counter() - t0)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["reload"] / med["switch"]
+    med["warm"] = statistics.median(warm)
+    ratios = {k: med["reload"] / med[k] for k in ("switch", "warm")}
     shutil.rmtree(tmp, ignore_errors=True)
     label = "sd15-random" if args.sd15_random else pipe.model_id
     print(f"model {label}  device {pipe.device} {pipe.dtype}  adapters {args.adapters} (rank {args.rank})  "
           f"repeats {args.repeats}")
-    print(f"  switch (load adapter folder onto resident base, unload previous)  median {med['switch'] * 1000:8.1f} ms")
     print(f"  reload (pipeline from disk + adapter)                             median {med['reload'] * 1000:8.1f} ms")
-    print(f"  warm switch: 1-step generation naming a resident adapter {statistics.median(warm) * 1000:.1f} ms vs "
-          f"no adapter {statistics.median(plain) * 1000:.1f} ms")
-    print(f"ratio reload/switch = {ratio:.1f}x   goal >= {GOAL:.0f}x   {'PASS' if ratio >= GOAL else 'FAIL'}")
+    print(f"  cold switch (load adapter folder onto resident base, unload prev) median {med['switch'] * 1000:8.1f} "
+          "ms")
+    print(f"  warm switch (adapters resident, activate another one)             median {med['warm'] * 1000:8.1f} ms")
+    for k, label in (("warm", "warm switch"), ("switch", "cold switch")):
+        verdict = "PASS" if ratios[k] >= GOAL else "FAIL"
+        print(f"ratio reload/{label} = {ratios[k]:.1f}x   goal >= {GOAL:.0f}x   {verdict}")
     return 0
 
 
