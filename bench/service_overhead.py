@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         local = InProcess(args, Path(tmp) / "local")
         env = {"MINIDALLE_TORCH_THREADS": str(args.threads), "MINIDALLE_MODEL": args.model,
-               "MINIDALLE_MAX_STEPS": str(max(150, args.steps))}
+               "MINIDALLE_MAX_STEPS": str(max(150, args.steps)),
+               # production periods, not the tests' fast ones
+               "MINIDALLE_HEARTBEAT_INTERVAL_S": "5", "MINIDALLE_STALE_AFTER_S": "30",
+               "MINIDALLE_RECONCILE_INTERVAL_S": "10"}
         stack = Stack(Path(tmp) / "stack", workers={"bench": "generate"}, **env)
         try:
             local.run(body), end_to_end(stack, body)  # warm-up: first-call costs on both sides

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-from worker.jobs import TERMINAL, JobStore, events_key
+from worker.jobs import TERMINAL, JobStore, done_key
 
 
 def links(job_id: str) -> dict[str, str]:
@@ -24,14 +22,9 @@ def accepted(job_id: str, state: str = "queued", job: dict | None = None) -> dic
 
 
 def wait_for_end(store: JobStore, job_id: str, timeout_s: float) -> bool:
-    """Block on the job's event stream (no polling) until its final event or the timeout; True if it ended."""
-    deadline = time.monotonic() + timeout_s
-    last = "0"
-    while (left := deadline - time.monotonic()) > 0:
-        resp = store.r.xread({events_key(job_id): last}, block=max(1, int(left * 1000)), count=100)
-        for _key, entries in resp or []:
-            for event_id, fields in entries:
-                last = event_id
-                if fields.get("type") in TERMINAL:
-                    return True
-    return False
+    """Block (no polling) until the job ends or the timeout; True if it ended. One blocking pop on the job's
+    `done` list, which the final transition pushes to: no wake-up per progress event."""
+    if store.r.blpop([done_key(job_id)], timeout=timeout_s):
+        return True
+    job = store.get(job_id)
+    return job is not None and job["state"] in TERMINAL

@@ -42,13 +42,18 @@ def events_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:events"
 
 
+def done_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:done"
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
 _NOW = "local _t = redis.call('TIME'); local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000\n"
 
-# KEYS: job, events, active, stats; ARGV: state, result_json, error, ttl, maxlen, event_data_json, job_id
+# KEYS: job, events, active, stats, done; ARGV: state, result_json, error, ttl, maxlen, event_data_json, job_id
+# `done` gets the final state pushed, for the one request that waits on the job (BLPOP, no wake-up per step)
 _FINISH_BODY = """
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', tostring(now), 'result', ARGV[2], 'error', ARGV[3])
 redis.call('HDEL', KEYS[1], 'worker')
@@ -57,6 +62,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('SREM', KEYS[3], ARGV[7])
 redis.call('HINCRBY', KEYS[4], redis.call('HGET', KEYS[1], 'kind') .. ':' .. ARGV[1], 1)
+redis.call('RPUSH', KEYS[5], ARGV[1])
+redis.call('EXPIRE', KEYS[5], ARGV[4])
 """
 
 FINISH = (
@@ -225,7 +232,7 @@ class JobStore:
         """'cancelled' (was queued), 'requested' (running: the worker stops at its next step), 'finished', 'missing'."""
         data = json.dumps({"reason": "cancelled before it started"})
         return self._cancel(
-            keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY],
+            keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY, done_key(job_id)],
             args=["cancelled", "null", "", self.ttl_s, self.maxlen, data, job_id],
         )
 
@@ -328,7 +335,7 @@ class JobStore:
             data["error"] = error
         return bool(
             self._finish(
-                keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY],
+                keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY, done_key(job_id)],
                 args=[state, json.dumps(result), error, self.ttl_s, self.maxlen, json.dumps(data), job_id],
             )
         )
