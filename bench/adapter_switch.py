@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from minidalle.cli import _quiet_libraries
+    from minidalle.commands import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from minidalle.pipeline import MiniDallePipeline, resolve_device, resolve_dtype
 
     tmp = Path(tempfile.mkdtemp(prefix="adapter-switch-"))

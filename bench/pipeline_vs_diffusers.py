@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from minidalle.cli import _quiet_libraries
+    from minidalle.commands import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     mini, stock, device = build(args)
     steps = args.steps or (25 if args.sd15_random else 20)
     size = args.size or mini.default_height

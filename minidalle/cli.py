@@ -1,24 +1,20 @@
 """The `minidalle` command line: generate, finetune, info, and entry points to serve / eval / train-base.
 
-Heavy imports (torch, diffusers) happen inside the commands, so `--help` and argument errors answer at once.
+This module parses arguments and reports errors; `minidalle.commands` does the work (and holds the heavy imports).
 Every error a user can cause is one line on stderr (`minidalle: error: …`) and exit status 2; never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import re
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
-PROG = "minidalle"
+from minidalle import commands
+from minidalle.commands import EXIT_INTERRUPTED, PROG, error
+
 EXIT_USAGE = 2  # argparse's own exit status for bad arguments; our validation errors use the same
-EXIT_INTERRUPTED = 130  # the shell convention for Ctrl-C
 
 # library field names (what a ValueError starts with) -> the flag a CLI user typed
 FLAG_FOR_FIELD = {
@@ -68,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         return args.func(args)
     except (ValueError, OSError) as e:  # OSError: missing files, unreadable folders, unknown hub ids
-        _error(_flag_message(e))
+        error(_flag_message(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _error("interrupted")
+        error("interrupted")
         return EXIT_INTERRUPTED
 
 
@@ -81,7 +77,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the usage text is one `--help` away)."""
 
     def error(self, message: str):
-        _error(f"{' '.join(message.split())} (see `{self.prog} --help`)")
+        error(f"{' '.join(message.split())} (see `{self.prog} --help`)")
         raise SystemExit(EXIT_USAGE)
 
 
@@ -93,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     p = sub.add_parser("info", help="versions, device, default model, where things are stored")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=commands.cmd_info)
     for name, (_, _, help_text) in PASSTHROUGH.items():  # listed for --help; main() dispatches them before parsing
         sub.add_parser(name, help=f"{help_text} (see `{PROG} {name} --help`)", add_help=False)
     return ap
@@ -123,7 +119,7 @@ def _add_generate(sub) -> None:
                    help="adapter folder, optionally with a scale (default 1.0); repeatable")
     _add_model_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=commands.cmd_generate)
 
 
 def _add_finetune(sub) -> None:
@@ -153,7 +149,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None)
     p.add_argument("--model", default=None, help="base model folder or hub id (default: the embedded model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=commands.cmd_finetune)
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
@@ -201,153 +197,6 @@ def _adapter_arg(text: str) -> tuple[Path, float]:
     return Path(path), scale
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# commands
-def cmd_generate(args: argparse.Namespace) -> int:
-    from minidalle.schedulers import check_scheduler_name
-
-    if args.scheduler is not None:
-        check_scheduler_name(args.scheduler)  # before loading the model: fail fast
-    for path, _ in args.adapter:
-        if not path.is_dir():
-            raise ValueError(f"adapter: {path} is not a folder")
-    pipe = _load_pipeline(args.model, args.device, args.dtype)
-    active = _load_adapters(pipe, args.adapter)
-    pipe.check_inputs(args.prompt, args.negative_prompt, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                      num_images_per_prompt=args.num_images, scheduler=args.scheduler, adapters=active,
-                      seed=args.seed)
-    seed = args.seed if args.seed is not None else _random_seed()
-    from tqdm.auto import tqdm
-
-    with tqdm(total=args.steps, desc="generate", unit="step", disable=args.quiet, file=sys.stderr) as bar:
-        def on_step(step: int, total: int) -> None:
-            bar.total = total  # second-order schedulers (heun, kdpm2) take more model calls than --steps
-            bar.update(step - bar.n)
-
-        out = pipe(args.prompt, args.negative_prompt, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                   num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler, adapters=active,
-                   callback=on_step)
-    from minidalle.png import save_png
-
-    for image, meta in zip(out.images, out.metadata, strict=True):
-        path = _claim_path(args.out, meta["seed"])
-        try:
-            save_png(image, path, meta)
-        except BaseException:
-            path.unlink(missing_ok=True)  # the empty placeholder
-            raise
-        print(path, flush=True)
-    return 0
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    if not args.dataset_dir.is_dir():
-        raise ValueError(f"dataset_dir: {args.dataset_dir} is not a folder")
-    from minidalle.trainer import TrainConfig, train
-
-    given = {  # only what the user set: the trainer's defaults stay the single source of defaults
-        "model": args.model, "steps": args.steps, "learning_rate": args.learning_rate, "rank": args.rank,
-        "alpha": args.alpha, "dropout": args.dropout, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-        "resolution": args.resolution, "mixed_precision": args.mixed_precision,
-        "checkpoint_every": args.checkpoint_every, "resume": args.resume, "train_prior": args.train_prior,
-        "validation_prompts": args.validation_prompt, "seed": args.seed,
-        "work_dir": str(args.work_dir) if args.work_dir else None,
-    }
-    config = TrainConfig(dataset_dir=str(args.dataset_dir), output_dir=str(args.out),
-                         **{k: v for k, v in given.items() if v is not None})
-    from tqdm.auto import tqdm
-
-    bars: list = []  # made at the first event: dataset errors surface before any bar is drawn
-
-    def on_progress(event: dict) -> None:
-        if not bars:
-            bars.append(tqdm(total=event.get("total", config.steps), desc="finetune", unit="step",
-                             disable=args.quiet, file=sys.stderr))
-        bar = bars[0]
-        if event.get("type") == "progress":
-            bar.total = event.get("total", bar.total)
-            bar.update(event["step"] - bar.n)
-            bar.set_postfix(loss=f"{event.get('loss', float('nan')):.4f}", lr=f"{event.get('lr', 0):.2e}",
-                            refresh=False)
-        elif event.get("type") == "checkpoint":
-            bar.write(f"checkpoint at step {event['step']}: {event.get('path', '')}", file=sys.stderr)
-        elif event.get("type") == "validation":
-            bar.write(f"validation images at step {event['step']}: {', '.join(event.get('images', []))}",
-                      file=sys.stderr)
-
-    _quiet_libraries()
-    from minidalle.errors import Cancelled
-
-    try:
-        with _ctrl_c_cancels() as stop:
-            def on_event(event: dict) -> None:
-                on_progress(event)
-                if stop.is_set():  # raised from inside the trainer's loop: it saves a checkpoint first
-                    raise Cancelled()
-
-            result = train(config, on_progress=on_event)
-    except Cancelled:
-        _error(f"cancelled; the last checkpoint is in {config.work_dir or str(args.out) + '.work'} "
-               "(run the same command again to resume)")
-        return EXIT_INTERRUPTED
-    finally:
-        for bar in bars:
-            bar.close()
-    print(result.adapter_dir, flush=True)
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    info = collect_info()
-    if args.json:
-        import json
-
-        print(json.dumps(info, indent=2, sort_keys=True))
-        return 0
-    width = max(len(k) for k in info)
-    for key, value in info.items():
-        text = ", ".join(value) if isinstance(value, list) else "-" if value is None else value
-        print(f"{key:<{width}}  {text}")
-    return 0
-
-
-def collect_info() -> dict:
-    _quiet_libraries()
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-    from huggingface_hub import constants
-
-    import minidalle
-    from minidalle.schedulers import scheduler_names
-
-    def ver(dist: str) -> str | None:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return None
-
-    if torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device = "mps"
-    else:
-        device = "cpu"
-    return {
-        "minidalle": minidalle.__version__, "torch": torch.__version__, "diffusers": ver("diffusers"),
-        "transformers": ver("transformers"), "peft": ver("peft"), "python": sys.version.split()[0],
-        "device": device, "default_model": minidalle.default_model(), "schedulers": scheduler_names(),
-        "hf_cache": str(constants.HF_HUB_CACHE), "data_dir": _data_dir(),
-    }
-
-
-def _data_dir() -> str | None:
-    # the CLI's only setting: the data volume the service and worker use (shown, never required here)
-    return os.environ.get("MINIDALLE_DATA_DIR") or None
-
-
 def _run_passthrough(name: str, rest: list[str]) -> int:
     module_name, func_name, _ = PASSTHROUGH[name]
     import importlib
@@ -362,103 +211,6 @@ def _run_passthrough(name: str, rest: list[str]) -> int:
     return int(result or 0)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# helpers
-def _quiet_libraries() -> None:
-    """Silence transformers/diffusers notices and their weight-loading bars: the CLI owns stderr."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-
-
-def _check_device(text: str | None) -> None:
-    """A device torch can parse and this machine has; else ValueError (torch would raise deep inside .to())."""
-    if text is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"device: {text!r} is not a device name (cpu, cuda, cuda:1, mps, …)") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (dev.index or 0) >= n:
-            raise ValueError(f"device: {text} is not available (this machine has {n} CUDA device(s))")
-    elif dev.type == "mps" and not (torch.backends.mps.is_available()):
-        raise ValueError(f"device: {text} is not available on this machine")
-
-
-def _load_pipeline(model: str | None, device: str | None, dtype: str | None):
-    _quiet_libraries()
-    _check_device(device)
-    from minidalle.pipeline import MiniDallePipeline
-
-    if model is not None and not os.path.isdir(model) and (os.path.exists(model) or model.startswith((".", "/"))):
-        raise ValueError(f"model: {model} is not a folder")
-    return MiniDallePipeline.from_pretrained(model, torch_dtype=dtype, device=device)
-
-
-def _load_adapters(pipe, adapters: list[tuple[Path, float]]) -> list[tuple[str, float]]:
-    """Load each folder under a unique name derived from it; returns (name, scale) pairs for the pipeline."""
-    active: list[tuple[str, float]] = []
-    used: set[str] = set()
-    for path, scale in adapters:
-        base = re.sub(r"[^A-Za-z0-9_-]", "_", path.resolve().name).lstrip("_-")[:56] or "adapter"
-        name, n = base, 1
-        while name in used:
-            n += 1
-            name = f"{base}-{n}"
-        used.add(name)
-        active.append((pipe.load_adapter(path, name=name), scale))
-    return active
-
-
-@contextlib.contextmanager
-def _ctrl_c_cancels():
-    """The first Ctrl-C asks for a clean stop (checkpoint, then exit); a second one interrupts at once."""
-    stop = threading.Event()
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print(f"\n{PROG}: stopping at the next step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: no signal handling, Ctrl-C behaves as usual
-        yield stop
-        return
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _claim_path(out_dir: Path, seed: int | None) -> Path:
-    """`{counter:05d}-{seed}.png`, the next free counter; created exclusively so parallel runs never collide."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counters = [int(m.group(1)) for p in out_dir.iterdir() if (m := re.match(r"(\d+)-", p.name))]
-    counter = max(counters, default=-1) + 1
-    while True:
-        path = out_dir / f"{counter:05d}-{seed}.png"
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return path  # save_png replaces this placeholder atomically
-        except FileExistsError:
-            counter += 1
-
-
-def _random_seed() -> int:
-    import secrets
-
-    return secrets.randbelow(2**31)
-
 
 def _flag_message(e: BaseException) -> str:
     """The exception as one line, with a leading library field name shown as the CLI flag."""
@@ -471,10 +223,6 @@ def _flag_message(e: BaseException) -> str:
     if sep and field in FLAG_FOR_FIELD:
         return f"{FLAG_FOR_FIELD[field]}: {rest}"
     return text
-
-
-def _error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

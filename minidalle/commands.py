@@ -1,0 +1,268 @@
+"""The work behind `minidalle generate | finetune | info`: load, run with a progress bar, write, print.
+
+`minidalle.cli` parses the arguments and turns errors into one line; these functions get a parsed namespace and
+raise ValueError (naming the field) for anything a user can get wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+
+PROG = "minidalle"
+EXIT_INTERRUPTED = 130  # the shell convention for Ctrl-C
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from minidalle.schedulers import check_scheduler_name
+
+    if args.scheduler is not None:
+        check_scheduler_name(args.scheduler)  # before loading the model: fail fast
+    for path, _ in args.adapter:
+        if not path.is_dir():
+            raise ValueError(f"adapter: {path} is not a folder")
+    pipe = _load_pipeline(args.model, args.device, args.dtype)
+    active = _load_adapters(pipe, args.adapter)
+    pipe.check_inputs(args.prompt, args.negative_prompt, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                      num_images_per_prompt=args.num_images, scheduler=args.scheduler, adapters=active,
+                      seed=args.seed)
+    seed = args.seed if args.seed is not None else _random_seed()
+    from tqdm.auto import tqdm
+
+    with tqdm(total=args.steps, desc="generate", unit="step", disable=args.quiet, file=sys.stderr) as bar:
+        def on_step(step: int, total: int) -> None:
+            bar.total = total  # second-order schedulers (heun, kdpm2) take more model calls than --steps
+            bar.update(step - bar.n)
+
+        out = pipe(args.prompt, args.negative_prompt, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                   num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler, adapters=active,
+                   callback=on_step)
+    from minidalle.png import save_png
+
+    for image, meta in zip(out.images, out.metadata, strict=True):
+        path = _claim_path(args.out, meta["seed"])
+        try:
+            save_png(image, path, meta)
+        except BaseException:
+            path.unlink(missing_ok=True)  # the empty placeholder
+            raise
+        print(path, flush=True)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    if not args.dataset_dir.is_dir():
+        raise ValueError(f"dataset_dir: {args.dataset_dir} is not a folder")
+    from minidalle.trainer import TrainConfig, train
+
+    given = {  # only what the user set: the trainer's defaults stay the single source of defaults
+        "model": args.model, "steps": args.steps, "learning_rate": args.learning_rate, "rank": args.rank,
+        "alpha": args.alpha, "dropout": args.dropout, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+        "resolution": args.resolution, "mixed_precision": args.mixed_precision,
+        "checkpoint_every": args.checkpoint_every, "resume": args.resume, "train_prior": args.train_prior,
+        "validation_prompts": args.validation_prompt, "seed": args.seed,
+        "work_dir": str(args.work_dir) if args.work_dir else None,
+    }
+    config = TrainConfig(dataset_dir=str(args.dataset_dir), output_dir=str(args.out),
+                         **{k: v for k, v in given.items() if v is not None})
+    from tqdm.auto import tqdm
+
+    bars: list = []  # made at the first event: dataset errors surface before any bar is drawn
+
+    def on_progress(event: dict) -> None:
+        if not bars:
+            bars.append(tqdm(total=event.get("total", config.steps), desc="finetune", unit="step",
+                             disable=args.quiet, file=sys.stderr))
+        bar = bars[0]
+        if event.get("type") == "progress":
+            bar.total = event.get("total", bar.total)
+            bar.update(event["step"] - bar.n)
+            bar.set_postfix(loss=f"{event.get('loss', float('nan')):.4f}", lr=f"{event.get('lr', 0):.2e}",
+                            refresh=False)
+        elif event.get("type") == "checkpoint":
+            bar.write(f"checkpoint at step {event['step']}: {event.get('path', '')}", file=sys.stderr)
+        elif event.get("type") == "validation":
+            bar.write(f"validation images at step {event['step']}: {', '.join(event.get('images', []))}",
+                      file=sys.stderr)
+
+    quiet_libraries()
+    from minidalle.errors import Cancelled
+
+    try:
+        with _ctrl_c_cancels() as stop:
+            def on_event(event: dict) -> None:
+                on_progress(event)
+                if stop.is_set():  # raised from inside the trainer's loop: it saves a checkpoint first
+                    raise Cancelled()
+
+            result = train(config, on_progress=on_event)
+    except Cancelled:
+        error(f"cancelled; the last checkpoint is in {config.work_dir or str(args.out) + '.work'} "
+               "(run the same command again to resume)")
+        return EXIT_INTERRUPTED
+    finally:
+        for bar in bars:
+            bar.close()
+    print(result.adapter_dir, flush=True)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    if args.json:
+        import json
+
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        text = ", ".join(value) if isinstance(value, list) else "-" if value is None else value
+        print(f"{key:<{width}}  {text}")
+    return 0
+
+
+def collect_info() -> dict:
+    quiet_libraries()
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+    from huggingface_hub import constants
+
+    import minidalle
+    from minidalle.schedulers import scheduler_names
+
+    def ver(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device = "mps"
+    else:
+        device = "cpu"
+    return {
+        "minidalle": minidalle.__version__, "torch": torch.__version__, "diffusers": ver("diffusers"),
+        "transformers": ver("transformers"), "peft": ver("peft"), "python": sys.version.split()[0],
+        "device": device, "default_model": minidalle.default_model(), "schedulers": scheduler_names(),
+        "hf_cache": str(constants.HF_HUB_CACHE), "data_dir": _data_dir(),
+    }
+
+
+def _data_dir() -> str | None:
+    # the CLI's only setting: the data volume the service and worker use (shown, never required here)
+    return os.environ.get("MINIDALLE_DATA_DIR") or None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+def quiet_libraries() -> None:
+    """Silence transformers/diffusers notices and their weight-loading bars: the CLI owns stderr."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _check_device(text: str | None) -> None:
+    """A device torch can parse and this machine has; else ValueError (torch would raise deep inside .to())."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"device: {text!r} is not a device name (cpu, cuda, cuda:1, mps, …)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            raise ValueError(f"device: {text} is not available (this machine has {n} CUDA device(s))")
+    elif dev.type == "mps" and not (torch.backends.mps.is_available()):
+        raise ValueError(f"device: {text} is not available on this machine")
+
+
+def _load_pipeline(model: str | None, device: str | None, dtype: str | None):
+    quiet_libraries()
+    _check_device(device)
+    from minidalle.pipeline import MiniDallePipeline
+
+    if model is not None and not os.path.isdir(model) and (os.path.exists(model) or model.startswith((".", "/"))):
+        raise ValueError(f"model: {model} is not a folder")
+    return MiniDallePipeline.from_pretrained(model, torch_dtype=dtype, device=device)
+
+
+def _load_adapters(pipe, adapters: list[tuple[Path, float]]) -> list[tuple[str, float]]:
+    """Load each folder under a unique name derived from it; returns (name, scale) pairs for the pipeline."""
+    active: list[tuple[str, float]] = []
+    used: set[str] = set()
+    for path, scale in adapters:
+        base = re.sub(r"[^A-Za-z0-9_-]", "_", path.resolve().name).lstrip("_-")[:56] or "adapter"
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{base}-{n}"
+        used.add(name)
+        active.append((pipe.load_adapter(path, name=name), scale))
+    return active
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels():
+    """The first Ctrl-C asks for a clean stop (checkpoint, then exit); a second one interrupts at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\n{PROG}: stopping at the next step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no signal handling, Ctrl-C behaves as usual
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _claim_path(out_dir: Path, seed: int | None) -> Path:
+    """`{counter:05d}-{seed}.png`, the next free counter; created exclusively so parallel runs never collide."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counters = [int(m.group(1)) for p in out_dir.iterdir() if (m := re.match(r"(\d+)-", p.name))]
+    counter = max(counters, default=-1) + 1
+    while True:
+        path = out_dir / f"{counter:05d}-{seed}.png"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return path  # save_png replaces this placeholder atomically
+        except FileExistsError:
+            counter += 1
+
+
+def _random_seed() -> int:
+    import secrets
+
+    return secrets.randbelow(2**31)
+
+
+
+
+def error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
