@@ -270,7 +270,7 @@ class MiniDallePipeline:
             else negative_prompt
         if not isinstance(negs, list) or not all(isinstance(p, str) for p in negs):
             raise ValueError("negative_prompt: must be a string or a list of strings")
-        if negs and len(negs) != len(prompts):
+        if not isinstance(negative_prompt, str) and negs and len(negs) != len(prompts):  # one string fits all
             raise ValueError(f"negative_prompt: {len(negs)} given for {len(prompts)} prompts")
         for fname, texts in (("prompt", prompts), ("negative_prompt", negs)):
             for text in texts:
