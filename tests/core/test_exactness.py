@@ -65,3 +65,30 @@ def test_a_different_seed_gives_different_pixels(pair, as_array):
     ours = mini("a cat", seed=1, num_inference_steps=3)
     theirs = _stock(stock, "ddim", "a cat", 2, 1, num_inference_steps=3)
     assert not np.array_equal(as_array(ours.images), as_array(theirs))
+
+
+def test_both_branches_go_through_a_trained_prior(as_array):
+    # a non-identity prior: ours must equal stock diffusers fed prior(text states) for the prompt AND the negative
+    c = build_tiny_components(seed=8)
+    mini = MiniDallePipeline(**c)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in mini.prior.mlp.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    stock = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                                    unet=c["unet"], scheduler=c["scheduler"], safety_checker=None,
+                                    feature_extractor=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pe, npe = stock.encode_prompt(["a red circle"], "cpu", 1, True, negative_prompt=["gray"])
+        pe, npe = mini.prior(pe), mini.prior(npe)
+    kw = dict(num_inference_steps=3, guidance_scale=6.0)
+    theirs = stock(prompt_embeds=pe, negative_prompt_embeds=npe, generator=torch.Generator().manual_seed(4), **kw)
+    ours = mini("a red circle", "gray", seed=4, **kw)
+    assert np.array_equal(as_array(ours.images), as_array(theirs.images))
+    # and the negative branch matters: skipping the prior there gives other pixels
+    with torch.no_grad():
+        raw_npe = stock.encode_prompt(["a red circle"], "cpu", 1, True, negative_prompt=["gray"])[1]
+    skipped = stock(prompt_embeds=pe, negative_prompt_embeds=raw_npe, generator=torch.Generator().manual_seed(4),
+                    **kw)
+    assert not np.array_equal(as_array(ours.images), as_array(skipped.images))
