@@ -1,23 +1,37 @@
-"""minidalle: CLIP → diffusion prior → LoRA-UNet text-to-image, with LoRA fine-tuning."""
+"""minidalle: CLIP → diffusion prior → LoRA-UNet text-to-image, with LoRA fine-tuning.
 
-import transformers as _transformers
+Names are imported lazily: `import minidalle` (and a CLI error message) doesn't pay for torch and diffusers.
+"""
 
-# diffusers' import touches transformers' image processors, which warn once that torchvision (not needed here) is
-# missing; keep that out of every CLI run and log, then restore the user's verbosity
-_verbosity = _transformers.logging.get_verbosity()
-_transformers.logging.set_verbosity_error()
-try:
-    from diffusers import StableDiffusionPipeline as _sd  # noqa: F401  (the import that warns)
-finally:
-    _transformers.logging.set_verbosity(_verbosity)
+from __future__ import annotations
 
-from minidalle.embedded import default_model  # noqa: E402
-from minidalle.errors import Cancelled  # noqa: E402
-from minidalle.pipeline import GenerationOutput, MiniDallePipeline  # noqa: E402
-from minidalle.prior import Prior  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from minidalle.errors import Cancelled
 
 __version__ = "0.1.0"
-DEFAULT_MODEL = default_model()
+
+_LAZY = {
+    "MiniDallePipeline": "minidalle.pipeline",
+    "GenerationOutput": "minidalle.pipeline",
+    "Prior": "minidalle.prior",
+    "default_model": "minidalle.embedded",
+}
+
+if TYPE_CHECKING:
+    from minidalle.embedded import default_model
+    from minidalle.pipeline import GenerationOutput, MiniDallePipeline
+    from minidalle.prior import Prior
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEFAULT_MODEL":
+        return importlib.import_module("minidalle.embedded").default_model()
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'minidalle' has no attribute {name!r}")
+
 
 __all__ = ["Cancelled", "DEFAULT_MODEL", "GenerationOutput", "MiniDallePipeline", "Prior", "__version__",
            "default_model"]

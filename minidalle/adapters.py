@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from minidalle._fs import chmod_like_new
+
 ADAPTER_FILE = "adapter.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 META_FILE = "adapter.json"
@@ -96,6 +98,7 @@ def save_adapter(out_dir: str | os.PathLike, *, lora: dict[str, torch.Tensor], p
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    chmod_like_new(tmp, directory=True)
     try:
         tensors = {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in lora.items()}
         if prior is not None:
@@ -109,6 +112,8 @@ def save_adapter(out_dir: str | os.PathLike, *, lora: dict[str, torch.Tensor], p
         full_meta = {"format_version": FORMAT_VERSION, **meta, "lora": settings.to_dict(),
                      "has_prior": prior is not None}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+        for f in tmp.iterdir():  # safetensors writes private (0600) files; served adapters must be readable
+            chmod_like_new(f)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)

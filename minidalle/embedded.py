@@ -8,6 +8,7 @@ real checkpoint.
 
 from __future__ import annotations
 
+import minidalle._quiet  # noqa: F401  (first: quiets diffusers' first import)
 import argparse
 from importlib import resources
 from pathlib import Path

@@ -7,11 +7,13 @@ identity the result is, pixel for pixel, what stock diffusers makes from the sam
 
 from __future__ import annotations
 
+import minidalle._quiet  # noqa: F401  (first: quiets diffusers' first import)
 import hashlib
 import json
 import logging
 import os
 import secrets
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,9 +41,17 @@ class GenerationOutput:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a device (use cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return dev
 
 
 def resolve_dtype(torch_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -211,19 +221,27 @@ class MiniDallePipeline:
         return name
 
     def _inject_lora(self, name: str, adapter) -> None:
+        """LoRA layers created on the meta device and filled straight from the file (no random init, no copy)."""
+        from peft import inject_adapter_in_model
         from peft.utils import set_peft_model_state_dict
 
-        self.unet.add_adapter(adapter.lora_settings.peft_config(), adapter_name=name)
-        lora = {k: v.to(device=self.device, dtype=self.dtype) for k, v in adapter.lora.items()}
+        _check_lora_fits(self.unet, name, adapter.lora)  # before touching the UNet: a clear error, nothing half-done
+        device, dtype = self.device, self.dtype  # each property walks every module: read once
+        lora = {k: v.to(device=device, dtype=dtype) for k, v in adapter.lora.items()}
+        config = adapter.lora_settings.peft_config()
+        config.base_model_name_or_path = None
+        self.unet._hf_peft_config_loaded = True  # what diffusers' add_adapter records
+        with warnings.catch_warnings():  # peft warns on every adapter after the first: several is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(config, self.unet, adapter_name=name, low_cpu_mem_usage=True)
         try:
-            result = set_peft_model_state_dict(self.unet, lora, adapter_name=name)
-        except RuntimeError as e:  # shape mismatch: an adapter for another base model
+            set_peft_model_state_dict(self.unet, lora, adapter_name=name, low_cpu_mem_usage=True)
+            left = [n for n, p in self.unet.named_parameters() if p.is_meta]
+            if left:
+                raise ValueError(f"adapters: {name!r} lacks LoRA weights for {left[:3]}")
+        except BaseException:
             self.unet.delete_adapters(name)
-            raise ValueError(f"adapters: {name!r} does not fit this model ({str(e).splitlines()[0]})") from e
-        unexpected = getattr(result, "unexpected_keys", None) or []
-        if unexpected:
-            self.unet.delete_adapters(name)
-            raise ValueError(f"adapters: {name!r} has LoRA weights for modules this model lacks: {unexpected[:3]}")
+            raise
         self.unet.eval()
 
     def unload_adapter(self, name: str) -> None:
@@ -360,6 +378,20 @@ class MiniDallePipeline:
                              adapters=[[n, s] for n, s in active], model=self.model_id,
                              model_hash=self.model_hash, index=i))
         return GenerationOutput(images=out.images, metadata=meta)
+
+
+def _check_lora_fits(unet, name: str, lora: dict) -> None:
+    """Every LoRA matrix must sit on a Linear of this UNet with matching width (else: an adapter for another model)."""
+    linears = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    for key, t in lora.items():
+        module, _, kind = key.rpartition(".lora_")
+        target = linears.get(module) or linears.get(f"{module}.base_layer")
+        if target is None or t.ndim != 2:
+            raise ValueError(f"adapters: {name!r} has LoRA weights for a module this model lacks: {module!r}")
+        want = t.shape[1] == target.in_features if kind.startswith("A") else t.shape[0] == target.out_features
+        if not want:
+            raise ValueError(f"adapters: {name!r} does not fit this model ({key}: {tuple(t.shape)} vs "
+                             f"{target.in_features}->{target.out_features})")
 
 
 def _scheduler_name(scheduler) -> str:

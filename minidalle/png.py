@@ -10,6 +10,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from minidalle._fs import chmod_like_new
+
 
 def format_parameters(meta: dict[str, Any]) -> str:
     """The A1111 'parameters' text: prompt, `Negative prompt:` line, then `Key: value` pairs."""
@@ -37,6 +39,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, meta: dict[str, Any]) 
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        chmod_like_new(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ i.e. each adapter contributes the change it learned relative to the base prior. 
 
 from __future__ import annotations
 
+import minidalle._quiet  # noqa: F401  (first: quiets diffusers' first import)
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin

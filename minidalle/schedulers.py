@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import minidalle._quiet  # noqa: F401  (first: quiets diffusers' first import)
 from typing import Any
 
 from diffusers import (

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -160,7 +161,9 @@ class Trainer:
         self.noise_scheduler = _training_scheduler(pipe.scheduler.config)
         # 3. trainable parts: LoRA on the UNet, a copy of the prior MLP
         torch.manual_seed(cfg.seed)
-        pipe.unet.add_adapter(cfg.lora.peft_config(), adapter_name=TRAIN_ADAPTER)
+        with warnings.catch_warnings():  # peft warns when the UNet already carries (served) adapters: expected
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            pipe.unet.add_adapter(cfg.lora.peft_config(), adapter_name=TRAIN_ADAPTER)
         self._injected = True
         pipe.unet.enable_lora()
         pipe.unet.set_adapters([TRAIN_ADAPTER])
