@@ -44,6 +44,9 @@ FLAG_FOR_FIELD = {
     "validation_prompts": "--validation-prompt",
     "resolution": "--resolution",
     "steps": "--steps",
+    "lr_scheduler": "--lr-scheduler",
+    "lr_warmup_steps": "--lr-warmup-steps",
+    "caption_dropout": "--caption-dropout",
 }
 
 PASSTHROUGH = {  # subcommand -> (module, function, help); the function parses its own arguments
@@ -146,6 +149,14 @@ def _add_finetune(sub) -> None:
                    help="rendered with a fixed seed at each checkpoint; repeatable")
     p.add_argument("--no-train-prior", dest="train_prior", action="store_false", default=None,
                    help="train the LoRA only (the adapter then also works in stock diffusers)")
+    p.add_argument("--lr-scheduler", choices=["constant", "cosine", "linear"], default=None,
+                   help="after --lr-warmup-steps of linear warmup (default constant)")
+    p.add_argument("--lr-warmup-steps", type=_int_in(0, 10**7), default=None)
+    p.add_argument("--caption-dropout", type=_float_in(0, 1), default=None,
+                   help="train on the empty caption this often, for classifier-free guidance (default 0.05)")
+    p.add_argument("--random-flip", action="store_true", default=None, help="mirror images at random")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="less activation memory on big UNets, ~30%% slower")
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None)
     p.add_argument("--model", default=None, help="base model folder or hub id (default: the embedded model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -68,7 +68,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "alpha": args.alpha, "dropout": args.dropout, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "resolution": args.resolution, "mixed_precision": args.mixed_precision,
         "checkpoint_every": args.checkpoint_every, "resume": args.resume, "train_prior": args.train_prior,
-        "validation_prompts": args.validation_prompt, "seed": args.seed,
+        "validation_prompts": args.validation_prompt, "seed": args.seed, "lr_scheduler": args.lr_scheduler,
+        "lr_warmup_steps": args.lr_warmup_steps, "caption_dropout": args.caption_dropout,
+        "random_flip": args.random_flip, "gradient_checkpointing": args.gradient_checkpointing,
         "work_dir": str(args.work_dir) if args.work_dir else None,
     }
     config = TrainConfig(dataset_dir=str(args.dataset_dir), output_dir=str(args.out),
