@@ -80,7 +80,16 @@ class Adapter:
 
     @property
     def lora_settings(self) -> LoraSettings:
-        return LoraSettings(**self.meta["lora"])
+        return _lora_settings(self.meta, self.path)
+
+
+def _lora_settings(meta: dict[str, Any], where) -> LoraSettings:
+    try:
+        settings = LoraSettings(**meta["lora"])
+    except TypeError as e:
+        raise ValueError(f"adapter: {where}/{META_FILE} has a bad 'lora' section ({e})") from e
+    settings.check()
+    return settings
 
 
 def _diffusers_lora_metadata(settings: LoraSettings) -> dict[str, Any]:
@@ -148,12 +157,14 @@ def load_adapter_files(adapter_dir: str | os.PathLike) -> Adapter:
     weights = adapter_dir / ADAPTER_FILE
     if not weights.is_file():
         raise ValueError(f"adapter: {adapter_dir} has no {ADAPTER_FILE}")
-    tensors = load_file(weights)
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # SafetensorError and friends: a broken upload or a truncated copy
+        raise ValueError(f"adapter: {weights} is not a readable safetensors file ({e})") from e
     lora = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
     prior = {k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")} or None
     stray = [k for k in tensors if not k.startswith(("unet.", "prior."))]
     if stray or not lora:
         raise ValueError(f"adapter: {weights} has unexpected keys {stray[:3]} or no LoRA weights")
-    settings = LoraSettings(**meta["lora"])
-    settings.check()
+    _lora_settings(meta, adapter_dir)  # validated here, rebuilt by Adapter.lora_settings
     return Adapter(path=adapter_dir, meta=meta, lora=lora, prior=prior)

@@ -177,6 +177,10 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
+    # transformers' switch also turns off huggingface_hub's download bars: a first hub download is long work
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()
 
 
 def _check_device(text: str | None) -> None:

@@ -167,6 +167,7 @@ class Trainer:
         self._injected = True
         pipe.unet.enable_lora()
         pipe.unet.set_adapters([TRAIN_ADAPTER])
+        pipe.prior.set_active([])  # adapters a served request left active must not shape this training
         self.lora_params = [p for n, p in pipe.unet.named_parameters() if f".{TRAIN_ADAPTER}." in n]
         for p in pipe.unet.parameters():
             p.requires_grad_(False)
@@ -393,7 +394,10 @@ class Trainer:
             if adapter.prior is None:
                 raise ValueError(f"resume: checkpoint {path} has no prior weights but train_prior is on")
             self.prior_mlp.load_state_dict({k: v.float() for k, v in adapter.prior.items()})
-        tensors = load_file(path / "optimizer.safetensors")
+        try:
+            tensors = load_file(path / "optimizer.safetensors")
+        except Exception as e:  # a truncated or foreign file: say which
+            raise ValueError(f"resume: {path}/optimizer.safetensors is not readable ({e})") from e
         torch.set_rng_state(tensors.pop("rng.torch"))
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"], self.device))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])

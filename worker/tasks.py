@@ -216,7 +216,10 @@ def _finetune(run: JobRun) -> dict:
     final = settings.data_dir / "adapters" / req["name"]
     result = {"adapter": {"name": req["name"], "url": adapter_url(req["name"]),
                           "download_url": adapter_url(req["name"]) + "/download"}}
-    if (job_dir / "published").is_file():  # a re-delivery after this job already published its adapter
+    marker = job_dir / "published"  # written just before the rename: "this job's adapter is (being) published"
+    if marker.is_file():  # a re-delivery after this job published, or died between marker and rename
+        if out_dir.is_dir() and not final.exists():
+            os.rename(out_dir, final)
         return result
     if not _finished_adapter(out_dir, req["steps"]):
         config = TrainConfig(
@@ -233,8 +236,8 @@ def _finetune(run: JobRun) -> dict:
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         raise ValueError(f"name: adapter {req['name']!r} already exists; this job's adapter stays in {out_dir}")
+    marker.write_text(req["name"])
     os.rename(out_dir, final)
-    (job_dir / "published").write_text(req["name"])
     return result
 
 

@@ -19,7 +19,8 @@ from worker.celery_app import enqueue
 
 router = APIRouter(tags=["finetune"])
 
-_SCHEMA_REF = {"$ref": "#/components/schemas/FinetuneRequest"}
+# the body is parsed by hand (JSON or multipart), so FastAPI doesn't register the model: inline its schema
+_SCHEMA_REF = FinetuneRequest.model_json_schema(ref_template="#/components/schemas/{model}")
 _MULTIPART = {
     "type": "object",
     "required": ["name", "file"],

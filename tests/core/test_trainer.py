@@ -192,3 +192,32 @@ def test_v_prediction_targets(dataset, tmp_path, fresh_pipe):
         assert np.isfinite(float(trainer._micro_step(0)))
     finally:
         trainer.teardown()
+
+
+def test_adapters_left_active_by_a_request_do_not_shape_training(dataset, tmp_path, fresh_pipe, make_adapter):
+    """A served generate with an adapter, then a train_prior=False fine-tune on the same resident pipeline."""
+    from minidalle.trainer import Trainer
+
+    pipe = fresh_pipe()
+    pipe("a zorb", num_inference_steps=2, seed=0, adapters=[(str(make_adapter("served")), 1.0)])
+    trainer = Trainer(config(dataset, tmp_path / "a", steps=1, train_prior=False), pipeline=pipe)
+    try:
+        trainer.setup()
+        h = torch.randn(1, 77, pipe.text_encoder.config.hidden_size)
+        assert torch.equal(trainer._condition(h), h)  # identity base prior only, no served adapter delta
+    finally:
+        trainer.teardown()
+
+
+def test_broken_adapter_files_are_value_errors(tmp_path, make_adapter, fresh_pipe):
+    from minidalle.adapters import load_adapter_files
+
+    folder = make_adapter("broken")
+    meta = json.loads((folder / "adapter.json").read_text())
+    (folder / "adapter.json").write_text(json.dumps({**meta, "lora": {**meta["lora"], "bogus": 1}}))
+    with pytest.raises(ValueError, match="bad 'lora' section"):
+        load_adapter_files(folder)
+    (folder / "adapter.json").write_text(json.dumps(meta))
+    (folder / "adapter.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        fresh_pipe().load_adapter(folder)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 import threading
 
 import numpy as np
@@ -126,3 +128,8 @@ def test_docs_are_self_hosted(stack):
     spec = stack.http.get("/openapi.json").json()
     assert spec["components"]["schemas"]["GenerateRequest"]["examples"][0]["prompt"]
     assert "multipart/form-data" in spec["paths"]["/finetune"]["post"]["requestBody"]["content"]
+    # every $ref in the spec resolves (a dangling one breaks Swagger's rendering of that body)
+    refs = set(re.findall(r'"\$ref":\s*"#/components/schemas/([^"]+)"', json.dumps(spec)))
+    assert refs and refs <= set(spec["components"]["schemas"]), refs - set(spec["components"]["schemas"])
+    finetune_json = spec["paths"]["/finetune"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "dataset_id" in finetune_json["properties"] and finetune_json["examples"][0]["name"]
