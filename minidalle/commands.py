@@ -78,9 +78,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     bars: list = []  # made at the first event: dataset errors surface before any bar is drawn
+    caching: list = []
 
     def on_progress(event: dict) -> None:
+        if event.get("type") == "caching":  # the frozen encoders' outputs, once per dataset
+            if not caching:
+                caching.append(tqdm(total=event["total"], desc="caching", unit="item", disable=args.quiet,
+                                    file=sys.stderr, leave=False))
+            caching[0].update(event["done"] - caching[0].n)
+            return
         if not bars:
+            for bar in caching:
+                bar.close()
             bars.append(tqdm(total=event.get("total", config.steps), desc="finetune", unit="step",
                              disable=args.quiet, file=sys.stderr))
         bar = bars[0]
@@ -111,7 +120,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                "(run the same command again to resume)")
         return EXIT_INTERRUPTED
     finally:
-        for bar in bars:
+        for bar in caching + bars:
             bar.close()
     print(result.adapter_dir, flush=True)
     return 0

@@ -205,13 +205,20 @@ class Trainer:
 
     @torch.no_grad()
     def _fill_caches(self) -> None:
-        for caption in sorted({ex.caption for ex in self.examples} | {""}):
-            self._text_cache[caption] = self._encode_text([caption])[0]
+        """Encode every caption and image once; reports `caching` events (long on a big dataset and model)."""
+        captions = sorted({ex.caption for ex in self.examples} | {""})
         flips = (False, True) if self.config.random_flip else (False,)
+        total, done = len(captions) + len(self.examples) * len(flips), 0
+        for caption in captions:
+            self._text_cache[caption] = self._encode_text([caption])[0]
+            done += 1
+        self.on_progress(dict(type="caching", done=done, total=total))
         for i in range(len(self.examples)):
             for flip in flips:
                 mean, std = self._encode_image([i], [flip])
                 self._latent_cache[(i, flip)] = (mean[0], std[0])
+                done += 1
+            self.on_progress(dict(type="caching", done=done, total=total))
 
     @torch.no_grad()
     def _encode_text(self, captions: list[str]) -> torch.Tensor:  # (B, 77, D)

@@ -75,6 +75,9 @@ def test_progress_events_and_checkpoint_rotation(dataset, tmp_path):
     cfg = config(dataset, tmp_path / "a", steps=8, checkpoint_every=2, keep_checkpoints=2,
                  validation_prompts=["a zorb number 1", "a zorb"], validation_steps=3)
     result = train(cfg, on_progress=events.append)
+    caching = [e for e in events if e["type"] == "caching"]
+    assert caching[-1]["done"] == caching[-1]["total"] == 4 + 5  # 4 images, 4 captions + the empty one
+    assert events.index(caching[-1]) < min(i for i, e in enumerate(events) if e["type"] == "progress")
     progress = [e for e in events if e["type"] == "progress"]
     assert [e["step"] for e in progress] == list(range(1, 9))
     assert all(e["total"] == 8 and np.isfinite(e["loss"]) and e["lr"] > 0 and e["eta_s"] >= 0 for e in progress)
