@@ -85,6 +85,7 @@ class MiniDallePipeline:
         self.max_loaded_adapters = max_loaded_adapters
         self._adapters: OrderedDict[str, str] = OrderedDict()  # name -> source folder (LRU order)
         self._model_hash: str | None = None
+        self._lora_layers: tuple[tuple, list] | None = None  # (adapter names it was built for, LoRA layers)
         # diffusers' own pipeline over the very same modules: it runs the denoising loop
         self._sd = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -266,13 +267,29 @@ class MiniDallePipeline:
             self._adapters.move_to_end(name)
             active.append((name, float(scale)))
         self._evict(keep={n for n, _ in active})
-        if active:
-            self.unet.enable_lora()
-            self.unet.set_adapters([n for n, _ in active], weights=[s for _, s in active])
-        elif getattr(self.unet, "_hf_peft_config_loaded", False):
-            self.unet.disable_lora()  # LoRA layers are present (loaded or being trained) but none is wanted
+        self._set_unet_adapters(active)
         self.prior.set_active(active)
         return active
+
+    def _set_unet_adapters(self, active: list[tuple[str, float]]) -> None:
+        """What diffusers' enable_lora/set_adapters/disable_lora do, over a cached list of the LoRA layers.
+
+        diffusers walks every module of the UNet on each call (~1000 on SD 1.5); a request only needs the layers.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        config = getattr(self.unet, "peft_config", None) or {}
+        key = tuple(config)  # changes whenever an adapter is added or deleted (here or by the trainer)
+        if self._lora_layers is None or self._lora_layers[0] != key:
+            self._lora_layers = (key, [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)])
+        layers = self._lora_layers[1]
+        names = [n for n, _ in active]
+        for layer in layers:
+            layer.enable_adapters(bool(active))  # disabled: base output only, whatever is loaded
+            if active:
+                layer.set_adapter(names)
+                for name, scale in active:
+                    layer.set_scale(name, scale)
 
     # ------------------------------------------------------------------------------------------------------------
     # generation
