@@ -337,6 +337,8 @@ class MiniDallePipeline:
         """Text encoder (diffusers' own encode_prompt, unchanged) then the prior, for both branches."""
         pe, npe = self._sd.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance,
                                          negative_prompt=negative_prompts)  # (B, 77, D) each
+        if self.prior.is_identity:  # h + 0.0 == h exactly: skip the MLP (stock SD 1.5 costs nothing extra)
+            return pe, npe
         pe = self.prior(pe.to(self.prior.dtype))  # (B, 77, D_cross)
         npe = self.prior(npe.to(self.prior.dtype)) if npe is not None else None
         return pe, npe
