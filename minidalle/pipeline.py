@@ -397,7 +397,7 @@ class MiniDallePipeline:
         out = self._sd(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, height=height, width=width,
                        num_images_per_prompt=num_images_per_prompt, generator=generator, eta=eta,
-                       output_type=output_type, callback_on_step_end=on_step_end)
+                       output_type=output_type, callback_on_step_end=on_step_end if callback else None)
         # 6. per-image metadata (what it takes to reproduce each image)
         meta = []
         for i in range(n_total):
