@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi.concurrency import run_in_threadpool
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
@@ -14,7 +13,7 @@ from service.middleware import BodySizeLimit, RequestMetrics
 from service.model_info import get_model_info
 from service.routes import datasets, files, finetune, generate, health, jobs
 from service.settings import ApiSettings, get_settings
-from worker.jobs import JobStore
+from worker.jobs import JobStore, blocking_client
 
 log = logging.getLogger(__name__)
 DESCRIPTION = """Text-to-image generation and LoRA fine-tuning on a queue of GPU workers.
@@ -44,7 +43,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
     app = FastAPIOffline(title="minidalle", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.store = JobStore.from_settings(settings)
-    app.state.aredis = aioredis.Redis.from_url(settings.broker_url, decode_responses=True)
+    app.state.aredis = blocking_client(settings.broker_url, asyncio=True)  # SSE: XREAD BLOCK of sse_ping_s
     app.state.registry = CollectorRegistry()
     app.state.registry.register(health.QueueCollector(app.state.store))
     for module in (generate, finetune, datasets, jobs, files, health):

@@ -42,6 +42,16 @@ def events_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:events"
 
 
+def blocking_client(url: str, *, asyncio: bool = False):
+    """A client for blocking reads (BLPOP on `done`, XREAD BLOCK on events) that may wait longer than redis-py's
+    default 5 s socket timeout; dead peers are still noticed through TCP keepalive and a health check."""
+    if asyncio:
+        from redis import asyncio as aioredis
+
+        return aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=None, health_check_interval=30)
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=None, health_check_interval=30)
+
+
 def done_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:done"
 
@@ -198,8 +208,7 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings) -> JobStore:
-        client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
-        return cls(client, ttl_s=settings.job_ttl_s, events_maxlen=settings.events_maxlen)
+        return cls(blocking_client(settings.broker_url), ttl_s=settings.job_ttl_s, events_maxlen=settings.events_maxlen)
 
     # -- API side -----------------------------------------------------------------------------------------
     def create(self, kind: str, request: dict, *, job_id: str | None = None) -> str:

@@ -125,3 +125,18 @@ def test_list_filters_and_counts(store):
     assert counts[("finetune", "queued")] == 1
     store.r.delete(job_key(ids[1]))  # expired: dropped from the index while listing
     assert ids[1] not in [j["id"] for j in store.list(limit=10)]
+
+
+def test_waiting_longer_than_the_default_socket_timeout(client):
+    """`POST /generate?wait=` and SSE block for longer than redis-py's default 5 s socket timeout."""
+    import time
+
+    from service.views import wait_for_end
+    from worker.jobs import blocking_client
+
+    url = "redis://{host}:{port}/{db}".format(**client.connection_pool.connection_kwargs)
+    store = JobStore(blocking_client(url), ttl_s=120, events_maxlen=1000)
+    job_id = store.create("generate", {"prompt": "p"})
+    t0 = time.monotonic()
+    assert wait_for_end(store, job_id, 6) is False  # still queued: no answer, and no TimeoutError either
+    assert time.monotonic() - t0 >= 5.9
