@@ -137,6 +137,7 @@ def evaluate_concept(pipe_or_model_path=None, concept: shapes.Concept = shapes.C
 
 
 def lora_teach(model: str, work_dir, *, concept: shapes.Concept = shapes.Concept(), n_images: int = 12,
+               n_regular: int = 0,
                train_prior: bool = True, seeds: Sequence[int] = DEFAULT_SEEDS, steps: int = DEFAULT_STEPS,
                guidance: float = DEFAULT_GUIDANCE, progress: bool = True, train_steps: int | None = None,
                **train_overrides) -> dict:
@@ -156,7 +157,7 @@ def lora_teach(model: str, work_dir, *, concept: shapes.Concept = shapes.Concept
     work = Path(work_dir)
     pipe = MiniDallePipeline.from_pretrained(model, device="cpu")
     data = shapes.write_concept_imagefolder(work / "data", n_images, seed=0, concept=concept,
-                                            resolution=pipe.default_height)
+                                            resolution=pipe.default_height, n_regular=n_regular)
     if train_steps is not None:
         train_overrides["steps"] = train_steps
     cfg = TrainConfig(dataset_dir=str(data), output_dir=str(work / "adapter"), model=model,
@@ -166,7 +167,8 @@ def lora_teach(model: str, work_dir, *, concept: shapes.Concept = shapes.Concept
     cpu_s = time.process_time() - t
     kw = dict(seeds=seeds, steps=steps, guidance=guidance, progress=progress)
     ad = [(str(result.adapter_dir), 1.0)]
-    out = dict(train_prior=train_prior, train_steps=result.steps, train_cpu_seconds=round(cpu_s, 1),
+    out = dict(train_prior=train_prior, n_images=n_images, n_regular=n_regular,
+               train_steps=result.steps, train_cpu_seconds=round(cpu_s, 1),
                train_wall_seconds=round(result.seconds, 1), final_loss=result.loss)
     for tag, adapters in (("before", ()), ("after", ad)):
         c = evaluate_concept(pipe, concept, adapters=adapters, **kw)

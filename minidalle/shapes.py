@@ -255,10 +255,17 @@ def concept_dataset(
 
 
 def write_concept_imagefolder(
-    out_dir: str | Path, n: int = 12, *, seed: int = 0, concept: Concept = Concept(), resolution: int = 32
+    out_dir: str | Path, n: int = 12, *, seed: int = 0, concept: Concept = Concept(), resolution: int = 32,
+    n_regular: int = 0,
 ) -> Path:
+    """`n` concept images, plus `n_regular` ordinary training images (DreamBooth-style prior preservation:
+    they keep the fine-tune from teaching "everything is orange" along with the new word)."""
     images, captions = concept_dataset(n, seed=seed, concept=concept, resolution=resolution)
-    return _write(out_dir, list(zip(images, captions, strict=True)))
+    items = list(zip(images, captions, strict=True))
+    if n_regular:
+        reg, combos = make_dataset(n_regular, seed=seed + 1, split="train", resolution=resolution)
+        items += [(img, c.caption) for img, c in zip(reg, combos, strict=True)]
+    return _write(out_dir, items)
 
 
 def shapes_main(argv: list[str] | None = None) -> int:
