@@ -13,6 +13,7 @@ only tiny, saved in the same folder layout, so `from_pretrained` loads it like a
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -266,8 +267,11 @@ def train_base(cfg: BaseTrainConfig) -> dict:
     save_model(comp, cfg.out)
     timings["total_s"] = time.monotonic() - t0
     tqdm.write(f"saved {cfg.out} in {timings['total_s'] / 60:.1f} min total")
-    return dict(out=str(cfg.out), steps=steps, timings=timings, vae_loss=float(np.mean(vae_losses[-50:])),
-                unet_loss=float(np.mean(unet_losses[-100:])), config={k: str(v) for k, v in asdict(cfg).items()})
+    result = dict(out=str(cfg.out), steps=steps, timings=timings, vae_loss=float(np.mean(vae_losses[-50:])),
+                  unet_loss=float(np.mean(unet_losses[-100:])), threads=torch.get_num_threads(),
+                  config={k: str(v) for k, v in asdict(cfg).items()})
+    (Path(cfg.out) / "training.json").write_text(json.dumps(result, indent=2))  # provenance; loaders ignore it
+    return result
 
 
 def train_base_main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ def test_writes_sd15_layout_that_loads(trained):
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert part in index and (out / part).is_dir()
     assert (out / "prior" / "config.json").is_file()
+    assert json.loads((out / "training.json").read_text())["steps"] == TINY["unet_steps"]
     assert result["steps"] == TINY["unet_steps"] and result["timings"]["total_s"] > 0
     pipe = MiniDallePipeline.from_pretrained(out, device="cpu")
     assert pipe.default_height == 32
