@@ -14,7 +14,9 @@ from minidalle import cli
 from minidalle.png import read_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GEN = ["--steps", "3", "--guidance-scale", "6", "--quiet"]
+from minidalle.embedded import TINY_RANDOM  # noqa: E402  (core tests run on the random tiny model)
+
+GEN = ["--steps", "3", "--guidance-scale", "6", "--quiet", "--model", str(TINY_RANDOM)]
 
 
 def _one_line_error(stderr: str) -> str:
@@ -190,7 +192,7 @@ def test_finetune_then_generate_with_the_adapter(dataset, tmp_path, capsys):
     out = tmp_path / "adapters" / "zorb"
     rc, lines, err = _run_main(capsys, "finetune", str(dataset), "--out", str(out), "--steps", "2",
                                "--checkpoint-every", "1", "--learning-rate", "1e-3", "--rank", "4", "--alpha", "4",
-                               "--validation-prompt", "a zorb", "--seed", "1")
+                               "--validation-prompt", "a zorb", "--seed", "1", "--model", str(TINY_RANDOM))
     assert rc == 0, err
     assert lines == [str(out)]
     assert "finetune" in err and "loss" in err and "checkpoint at step 1" in err  # bar with loss, checkpoints
@@ -206,14 +208,15 @@ def test_finetune_then_generate_with_the_adapter(dataset, tmp_path, capsys):
 def test_finetune_no_train_prior(dataset, tmp_path, capsys):
     out = tmp_path / "loraonly"
     rc, _, err = _run_main(capsys, "finetune", str(dataset), "--out", str(out), "--steps", "1", "--no-train-prior",
-                           "--checkpoint-every", "0")
+                           "--checkpoint-every", "0", "--model", str(TINY_RANDOM))
     assert rc == 0, err
     assert json.loads((out / "adapter.json").read_text())["has_prior"] is False
 
 
 def test_finetune_broken_image_names_the_file(dataset, tmp_path, capsys):
     (dataset / "img1.png").write_bytes(b"not a png at all")
-    rc, out, err = _run_main(capsys, "finetune", str(dataset), "--out", str(tmp_path / "a"), "--steps", "1")
+    rc, out, err = _run_main(capsys, "finetune", str(dataset), "--out", str(tmp_path / "a"), "--steps", "1",
+                             "--model", str(TINY_RANDOM))
     assert rc == 2 and out == []
     assert "img1.png" in _one_line_error(err)
     assert not (tmp_path / "a").exists()

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from minidalle.embedded import TINY_RANDOM
 from minidalle.errors import Cancelled
 from minidalle.trainer import TrainConfig, latest_checkpoint, train
 
@@ -27,7 +28,8 @@ def dataset(tmp_path):
 
 
 def config(dataset, out, **kw) -> TrainConfig:
-    base = dict(dataset_dir=str(dataset), output_dir=str(out), steps=6, checkpoint_every=2, learning_rate=1e-3)
+    base = dict(dataset_dir=str(dataset), output_dir=str(out), steps=6, checkpoint_every=2, learning_rate=1e-3,
+                model=str(TINY_RANDOM))  # the core tests' model (the package default is the trained tiny-shapes)
     return TrainConfig(**{**base, **kw})
 
 
