@@ -53,6 +53,7 @@ PASSTHROUGH = {  # subcommand -> (module, function, help); the function parses i
     "serve": ("service.serve", "serve_main", "run the HTTP service (api + worker + redis) on this machine"),
     "eval": ("minidalle.evaluate", "eval_main", "evaluate a model or adapter"),
     "train-base": ("minidalle.base_training", "train_base_main", "train the embedded tiny-shapes base model"),
+    "shapes": ("minidalle.shapes", "shapes_main", "write the procedural shapes dataset as an imagefolder"),
 }
 
 
