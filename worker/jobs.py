@@ -318,24 +318,31 @@ class JobStore:
     def heartbeat(self, job_id: str, worker: str) -> bool:
         return bool(self._heartbeat(keys=[job_key(job_id)], args=[worker]))
 
-    def add_event(self, job_id: str, type_: str, data: dict | None = None) -> str:
-        return self.r.xadd(events_key(job_id), {"type": type_, "data": json.dumps(data or {})},
-                           maxlen=self.maxlen)
-
-    def publish_batch(self, job_id: str, worker: str, events: list[tuple[str, dict]]) -> tuple[bool, bool]:
-        """Append events (the last progress one is also recorded in the job) in one round trip; returns
-        (cancel_requested, still_owned_by_worker)."""
-        p = self.r.pipeline(transaction=False)
+    def event_commands(self, job_id: str, events: list[tuple[str, dict]], extra: list[tuple] = ()) -> list[tuple]:
+        """Commands that append `events` (the last progress one is also recorded in the job), then `extra`, then
+        read the job's cancel / owner / state fields (always the last reply)."""
+        commands: list[tuple] = []
         progress = None
         for kind, data in events:
-            p.xadd(events_key(job_id), {"type": kind, "data": json.dumps(data)}, maxlen=self.maxlen)
+            payload = json.dumps(data)
+            commands.append(("XADD", events_key(job_id), "MAXLEN", "~", self.maxlen, "*", "type", kind,
+                             "data", payload))
             if kind == "progress":
-                progress = data
+                progress = payload
         if progress is not None:
-            p.hset(job_key(job_id), "progress", json.dumps(progress))
-        p.hmget(job_key(job_id), "cancel_requested", "worker", "state")
-        cancel, owner, state = p.execute()[-1]
-        return cancel == "1", owner == worker and state == "running"
+            commands.append(("HSET", job_key(job_id), "progress", progress))
+        commands.extend(extra)
+        commands.append(("HMGET", job_key(job_id), "cancel_requested", "worker", "state"))
+        return commands
+
+    def publish_batch(self, job_id: str, worker: str, events: list[tuple[str, dict]]) -> tuple[bool, bool]:
+        """Append events in one round trip; returns (cancel_requested, still_owned_by_worker)."""
+        channel = EventChannel(self, job_id, worker)
+        try:
+            channel.send(events)
+            return channel.receive()
+        finally:
+            channel.close()
 
     def finish(self, job_id: str, state: str, *, result: dict | None = None, error: str = "") -> bool:
         """Terminal transition (once): record, final event, expiry, stats. False if it had already ended."""
@@ -358,6 +365,73 @@ class JobStore:
 
     def active_ids(self) -> list[str]:
         return list(self.r.smembers(ACTIVE_KEY))
+
+
+class EventChannel:
+    """A running job's events, pipelined over one connection of its own.
+
+    `send` writes a batch and returns without waiting for Redis; `receive` reads that batch's replies, the last
+    of which are the job's cancel / owner fields. A worker sends after a step and receives during the next one,
+    when the replies have long arrived, so its compute loop does not wait on round trips. At most one batch is
+    in flight: `send` first receives the previous one, so replies never get out of step with their commands.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, worker: str):
+        self.store, self.job_id, self.worker = store, job_id, worker
+        self._conn = None
+        self._in_flight = 0  # replies still to read
+
+    def send(self, events: list[tuple[str, dict]], extra: list[tuple] = ()) -> None:
+        self.receive()
+        commands = self.store.event_commands(self.job_id, events, extra)
+        if self._conn is None:
+            self._conn = self.store.r.connection_pool.get_connection()
+        try:
+            self._conn.send_packed_command(self._conn.pack_commands(commands))
+        except Exception:
+            self._drop()
+            raise
+        self._in_flight = len(commands)
+
+    def receive(self) -> tuple[bool, bool] | None:
+        """The last batch's outcome: (cancel requested, still owned by this worker); None if none is in flight."""
+        if not self._in_flight:
+            return None
+        replies = []
+        try:
+            for _ in range(self._in_flight):
+                try:
+                    replies.append(self._conn.read_response())
+                except redis.ResponseError as e:  # one command failed; the others' replies still follow
+                    replies.append(e)
+        except Exception:
+            self._drop()
+            raise
+        finally:
+            self._in_flight = 0
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        cancel, owner, state = replies[-1]
+        return cancel == "1", owner == self.worker and state == "running"
+
+    def close(self) -> None:
+        if self._conn is None:
+            return
+        try:
+            self.receive()
+        except Exception:  # noqa: BLE001 - closing: the connection is dropped anyway
+            pass
+        if self._conn is not None:
+            self.store.r.connection_pool.release(self._conn)
+            self._conn = None
+
+    def _drop(self) -> None:
+        self._in_flight = 0
+        if self._conn is not None:
+            self._conn.disconnect()
+            self.store.r.connection_pool.release(self._conn)
+            self._conn = None
 
 
 def decode_job(raw: dict[str, str]) -> dict:

@@ -20,7 +20,7 @@ def step_key(kind: str) -> str:
 
 
 class StepTimings:
-    """Accumulates step durations in memory; `flush` adds them to Redis in one round trip."""
+    """Accumulates step durations in memory; `commands` adds them to Redis (sent with a job's last events)."""
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -29,19 +29,20 @@ class StepTimings:
     def add(self, seconds: float) -> None:
         self._durations.append(seconds)
 
-    def flush(self, r: redis.Redis) -> None:
+    def commands(self) -> list[tuple]:
+        """The Redis commands that add the durations so far (and forget them here)."""
         if not self._durations:
-            return
-        p = r.pipeline(transaction=False)
+            return []
         key = step_key(self.kind)
+        commands: list[tuple] = []
         for b in BUCKETS:
             n = sum(1 for d in self._durations if d <= b)
             if n:
-                p.hincrby(key, f"le:{b}", n)
-        p.hincrby(key, "count", len(self._durations))
-        p.hincrbyfloat(key, "sum", sum(self._durations))
-        p.execute()
+                commands.append(("HINCRBY", key, f"le:{b}", n))
+        commands.append(("HINCRBY", key, "count", len(self._durations)))
+        commands.append(("HINCRBYFLOAT", key, "sum", sum(self._durations)))
         self._durations.clear()
+        return commands
 
 
 def read_histogram(r: redis.Redis, kind: str) -> tuple[list[tuple[str, float]], float]:

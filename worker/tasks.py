@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -17,13 +16,17 @@ from pathlib import Path
 from minidalle import Cancelled
 from worker import lifecycle
 from worker.celery_app import FINETUNE_TASK, GENERATE_TASK, app
-from worker.jobs import JobStore, adapter_url, image_url
+from worker.jobs import EventChannel, JobStore, adapter_url, image_url
 from worker.metrics import StepTimings
 from worker.runtime import activate_adapter, get_pipeline
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger(__name__)
-PUBLISH_EVERY_S = 0.02  # events reach Redis in batches at most this often (SSE still gets every step)
+# Progress events go to Redis in batches, at most this often (SSE still gets one event per step).
+PUBLISH_EVERY_S = 0.1
+# After a step at least this long, wait for the batch's reply at once (a round trip is nothing next to it), so a
+# cancel is seen at the very next step instead of one step later.
+WAIT_AFTER_STEP_S = 0.5
 
 
 class Stop(Cancelled):  # noqa: N818 - a Cancelled, so the trainer saves a checkpoint before it propagates
@@ -37,9 +40,12 @@ class Stop(Cancelled):  # noqa: N818 - a Cancelled, so the trainer saves a check
 class JobRun:
     """One claimed run of a job: heartbeat, per-step events, cancel / ownership / time-limit checks.
 
-    Events go through a publisher thread, so the compute loop never waits on a Redis round trip (on a busy host
-    that is milliseconds per step). The publisher refreshes the cancel/ownership flags with every batch, so a
-    cancel is seen at the next step or the one after.
+    Events are buffered and sent from the compute thread over the job's EventChannel: a batch at most every
+    PUBLISH_EVERY_S, whose reply (which carries the cancel / ownership flags) is read during the next step, so
+    the steps never wait on Redis and a cancel is seen within about PUBLISH_EVERY_S. Events other than progress
+    are sent and confirmed at once. No thread sits between the steps and Redis: on a busy host, waking one per
+    batch (and waiting for it to drain at the end) cost more than the round trips it saved. The heartbeat is a
+    thread, so a step that takes minutes never lets it go stale.
     """
 
     def __init__(self, store: JobStore, job: dict, worker: str, settings: WorkerSettings):
@@ -49,27 +55,26 @@ class JobRun:
         self.deadline = time.monotonic() + limit
         self.timings = StepTimings(self.kind)
         self.lost = False
-        self.flags = (False, True)  # (cancel requested, still owned), as of the last published batch
+        self.flags = (False, True)  # (cancel requested, still owned), as of the last batch's reply
         self._last = time.perf_counter()
+        self._step_s = 0.0  # how long the last step took
+        self._sent_at = 0.0  # perf_counter of the last batch sent
+        self._events: list[tuple[str, dict]] = []
+        self._channel = EventChannel(store, self.id, worker)
         self._stop = threading.Event()
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._beat = threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.id}", daemon=True)
-        self._pub = threading.Thread(target=self._publisher, name=f"events-{self.id}", daemon=True)
 
     def __enter__(self) -> JobRun:
         self._beat.start()
-        self._pub.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._events.put(None)
-        self._pub.join()
+        self.flush(extra=self.timings.commands())
+        self._channel.close()
         self._stop.set()
         self._beat.join()
-        self.timings.flush(self.store.r)
 
     def _heartbeat(self) -> None:
-        # a thread, so a long step (or a model load) never lets the heartbeat go stale while the process lives
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
                 if not self.store.heartbeat(self.id, self.worker):
@@ -77,44 +82,51 @@ class JobRun:
             except Exception:  # noqa: BLE001 - Redis blips: the next beat retries
                 log.warning("heartbeat for %s failed", self.id, exc_info=True)
 
-    def _publisher(self) -> None:
-        while True:
-            batch = [self._events.get()]
-            while True:
-                try:
-                    batch.append(self._events.get_nowait())
-                except queue.Empty:
-                    break
-            events = [b for b in batch if isinstance(b, tuple)]
-            if events:
-                try:
-                    self.flags = self.store.publish_batch(self.id, self.worker, events)
-                except Exception:  # noqa: BLE001 - progress events are best effort; the record decides
-                    log.warning("publishing events of %s failed", self.id, exc_info=True)
-            markers = [b for b in batch if not isinstance(b, tuple)]
-            for b in markers:
-                if isinstance(b, threading.Event):
-                    b.set()
-            if None in markers:
-                return
-            if not markers:  # gather the next steps into one round trip: fewer wake-ups for Redis and listeners
-                time.sleep(PUBLISH_EVERY_S)
-
-    def drain(self) -> None:
-        """Wait until every event published so far is in Redis (before events that must come after them)."""
-        done = threading.Event()
-        self._events.put(done)
-        done.wait()
-
     def step_done(self) -> float:
         now = time.perf_counter()
-        took, self._last = now - self._last, now
-        self.timings.add(took)
-        return took
+        self._step_s, self._last = now - self._last, now
+        self.timings.add(self._step_s)
+        return self._step_s
 
     def publish(self, data: dict, event: str = "progress") -> None:
-        self._events.put((event, data))
+        """Record an event and check whether the job must stop here (cancelled, lost, past its time limit)."""
+        self._events.append((event, data))
+        if event != "progress":
+            self.flush()
+        else:
+            self._receive()  # the last batch's reply: it arrived while this step ran
+            if time.perf_counter() - self._sent_at >= PUBLISH_EVERY_S:
+                self._send()
+                if self._step_s >= WAIT_AFTER_STEP_S:
+                    self._receive()
         self._raise_if_stopping(*self.flags)
+
+    def emit(self, data: dict, event: str) -> None:
+        """Record an event that goes out with the next batch (at the latest when the run ends); no checks."""
+        self._events.append((event, data))
+
+    def flush(self, extra: list[tuple] = ()) -> None:
+        """Send every event recorded so far and wait until Redis has them."""
+        self._send(extra)
+        self._receive()
+
+    def _send(self, extra: list[tuple] = ()) -> None:
+        events, self._events = self._events, []
+        self._sent_at = time.perf_counter()
+        if events or extra:
+            try:
+                self._channel.send(events, extra)
+            except Exception:  # noqa: BLE001 - progress events are best effort; the record decides
+                log.warning("publishing events of %s failed", self.id, exc_info=True)
+
+    def _receive(self) -> None:
+        try:
+            flags = self._channel.receive()
+        except Exception:  # noqa: BLE001
+            log.warning("publishing events of %s failed", self.id, exc_info=True)
+            return
+        if flags is not None:
+            self.flags = flags
 
     def _raise_if_stopping(self, cancel: bool, owned: bool) -> None:
         if cancel:
@@ -194,13 +206,12 @@ def _generate(run: JobRun) -> dict:
                height=req.get("height"), width=req.get("width"), num_images_per_prompt=req["num_images"],
                seed=req["seed"], scheduler=req.get("scheduler"), adapters=adapters, callback=on_step)
     log.info("job %s: pipeline %.3f s", run.id, time.perf_counter() - t0)
-    run.drain()  # every progress event before the image events
     images_dir = settings.data_dir / "jobs" / run.id / "images"
     images = []
     for i, (image, meta) in enumerate(zip(out.images, out.metadata, strict=True)):
         save_png(image, images_dir / f"{i}.png", meta)  # temp file + rename
         images.append({"index": i, "url": image_url(run.id, i), "seed": meta.get("seed"), "metadata": meta})
-        run.store.add_event(run.id, "image", {"index": i, "url": image_url(run.id, i), "seed": meta.get("seed")})
+        run.emit({"index": i, "url": image_url(run.id, i), "seed": meta.get("seed")}, event="image")
     return {"images": images}
 
 

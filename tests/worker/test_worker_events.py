@@ -1,0 +1,165 @@
+"""A running job's events: the pipelined EventChannel and JobRun's batching / cancel checks, on a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from _support.servers import start_redis
+
+from worker import tasks
+from worker.jobs import EventChannel, JobStore, events_key, job_key
+from worker.metrics import step_key
+from worker.settings import WorkerSettings
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    r = redis.Redis.from_url(url, decode_responses=True)
+    yield r
+    r.close()
+    proc.stop()
+
+
+@pytest.fixture
+def store(client) -> JobStore:
+    client.flushdb()
+    return JobStore(client, ttl_s=120, events_maxlen=1000)
+
+
+def _running(store: JobStore, worker: str = "w1") -> str:
+    job_id = store.create("generate", {"prompt": "p"})
+    assert store.claim(job_id, worker, stale_after_s=30, max_attempts=3).outcome == "run"
+    return job_id
+
+
+def _events(store: JobStore, job_id: str) -> list[tuple[str, dict]]:
+    return [(f["type"], json.loads(f["data"])) for _, f in store.r.xrange(events_key(job_id))]
+
+
+def _progress(step: int, total: int = 9) -> tuple[str, dict]:
+    return ("progress", {"step": step, "total": total})
+
+
+def test_channel_sends_without_waiting_and_reads_flags_later(store):
+    job_id = _running(store)
+    ch = EventChannel(store, job_id, "w1")
+    ch.send([_progress(1), _progress(2)])
+    ch.send([_progress(3)])  # reads the first batch's replies before writing the second
+    assert ch.receive() == (False, True)
+    assert ch.receive() is None  # nothing in flight
+    store.cancel(job_id)
+    ch.send([_progress(4)])
+    assert ch.receive() == (True, True)
+    ch.close()
+    assert [d["step"] for t, d in _events(store, job_id) if t == "progress"] == [1, 2, 3, 4]
+    assert json.loads(store.r.hget(job_key(job_id), "progress"))["step"] == 4
+    # another worker took the job over: the old owner learns it from its next batch
+    ch2 = EventChannel(store, job_id, "someone-else")
+    ch2.send([])
+    assert ch2.receive() == (True, False)
+    ch2.close()
+
+
+def test_channel_stays_in_step_after_a_failed_command(store):
+    job_id = _running(store)
+    ch = EventChannel(store, job_id, "w1")
+    ch.send([_progress(1)], extra=[("HINCRBY", job_key(job_id), "state", 1)])  # 'running' is not an integer
+    with pytest.raises(redis.ResponseError):
+        ch.receive()
+    ch.send([_progress(2)])
+    assert ch.receive() == (False, True)  # the replies did not shift: this is still the HMGET's
+    ch.close()
+    assert [d["step"] for t, d in _events(store, job_id) if t == "progress"] == [1, 2]
+
+
+def test_channel_reconnects_after_its_connection_is_killed(store):
+    job_id = _running(store)
+    ch = EventChannel(store, job_id, "w1")
+    ch.send([_progress(1)])
+    assert ch.receive() == (False, True)
+    store.r.client_kill_filter(_type="normal", skipme=True)  # every client but this one, the channel's too
+    with pytest.raises(redis.ConnectionError):
+        ch.send([_progress(2)])
+        ch.receive()
+    ch.send([_progress(3)])
+    assert ch.receive() == (False, True)
+    ch.close()
+    assert [d["step"] for t, d in _events(store, job_id) if t == "progress"][-1] == 3
+
+
+def _run(store: JobStore, job_id: str, worker: str = "w1") -> tasks.JobRun:
+    settings = WorkerSettings(heartbeat_interval_s=30, generate_time_limit_s=600)
+    return tasks.JobRun(store, store.get(job_id), worker, settings)
+
+
+def test_jobrun_sends_every_event_in_order_and_the_timings_at_the_end(store):
+    job_id = _running(store)
+    with _run(store, job_id) as run:
+        for step in range(1, 26):
+            run.step_done()
+            run.publish({"step": step, "total": 25})
+        run.emit({"index": 0, "url": "/images/x/0.png"}, event="image")
+    events = _events(store, job_id)
+    assert [t for t, _ in events] == ["queued", "started"] + ["progress"] * 25 + ["image"]
+    assert [d["step"] for t, d in events if t == "progress"] == list(range(1, 26))
+    assert json.loads(store.r.hget(job_key(job_id), "progress")) == {"step": 25, "total": 25}
+    assert store.r.hget(step_key("generate"), "count") == "25"
+
+
+def test_jobrun_stops_at_a_cancel_within_a_batch_or_two(store, monkeypatch):
+    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 0.0)  # a batch per step: the count below is exact
+    monkeypatch.setattr(tasks, "WAIT_AFTER_STEP_S", 3600.0)  # short steps: replies are read a step later
+    job_id = _running(store)
+    with _run(store, job_id) as run:
+        run.publish({"step": 1})
+        run.flush()  # nothing in flight when the cancel comes
+        store.cancel(job_id)
+        run.publish({"step": 2})  # sends step 2; the reply is read during the next step
+        with pytest.raises(tasks.Stop) as e:
+            run.publish({"step": 3})  # reads step 2's reply: cancelled
+    assert e.value.reason == "cancelled"
+    assert [d.get("step") for t, d in _events(store, job_id) if t == "progress"] == [1, 2, 3]
+
+
+def test_jobrun_waits_for_the_reply_after_a_long_step(store, monkeypatch):
+    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 0.0)
+    monkeypatch.setattr(tasks, "WAIT_AFTER_STEP_S", 0.0)  # every step counts as long
+    job_id = _running(store)
+    with _run(store, job_id) as run:
+        run.publish({"step": 1})
+        store.cancel(job_id)
+        with pytest.raises(tasks.Stop) as e:
+            run.publish({"step": 2})  # the very next step sees it
+    assert e.value.reason == "cancelled"
+
+
+def test_jobrun_stops_when_another_worker_owns_the_job(store, monkeypatch):
+    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 0.0)
+    monkeypatch.setattr(tasks, "WAIT_AFTER_STEP_S", 0.0)
+    job_id = _running(store)
+    store.r.hset(job_key(job_id), "worker", "w2")  # as a takeover after a stale heartbeat leaves it
+    with _run(store, job_id) as run, pytest.raises(tasks.Stop) as e:
+        run.publish({"step": 1})
+    assert e.value.reason == "lost"
+
+
+def test_jobrun_batches_fast_steps(store, monkeypatch):
+    sent = []
+    real_send = EventChannel.send
+
+    def counting_send(self, events, extra=()):
+        sent.append(len(events))
+        return real_send(self, events, extra)
+
+    monkeypatch.setattr(EventChannel, "send", counting_send)
+    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 3600.0)
+    job_id = _running(store)
+    with _run(store, job_id) as run:
+        for step in range(1, 51):
+            run.publish({"step": step, "total": 50})
+    # the first step goes out at once (a listener sees the job move), the other 49 with the run's end
+    assert sent == [1, 49]
+    assert [d["step"] for t, d in _events(store, job_id) if t == "progress"] == list(range(1, 51))
