@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from worker.jobs import TERMINAL, JobStore, done_key
+import redis.asyncio as aioredis
+
+from worker.jobs import TERMINAL, decode_job, done_key, job_key
 
 
 def links(job_id: str) -> dict[str, str]:
@@ -21,10 +23,10 @@ def accepted(job_id: str, state: str = "queued", job: dict | None = None) -> dic
             "cancel_url": lk["cancel"], "job": public_job(job) if job else None}
 
 
-def wait_for_end(store: JobStore, job_id: str, timeout_s: float) -> bool:
-    """Block (no polling) until the job ends or the timeout; True if it ended. One blocking pop on the job's
-    `done` list, which the final transition pushes to: no wake-up per progress event."""
-    if store.r.blpop([done_key(job_id)], timeout=timeout_s):
-        return True
-    job = store.get(job_id)
-    return job is not None and job["state"] in TERMINAL
+async def wait_for_end(aredis: aioredis.Redis, job_id: str, timeout_s: float) -> dict | None:
+    """Wait (no polling, no thread held) until the job ends or the timeout; the job if it ended, else None. One
+    blocking pop on the job's `done` list, which the final transition pushes to: no wake-up per progress event."""
+    await aredis.blpop([done_key(job_id)], timeout=timeout_s)
+    raw = await aredis.hgetall(job_key(job_id))
+    job = decode_job(raw) if raw else None
+    return job if job is not None and job["state"] in TERMINAL else None

@@ -5,9 +5,10 @@ from __future__ import annotations
 import secrets
 
 from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service.deps import ModelInfoDep, SettingsDep, StoreDep
+from service.deps import AsyncRedisDep, ModelInfoDep, SettingsDep, StoreDep
 from service.errors import invalid, not_found
 from service.schemas import GenerateRequest, JobAccepted
 from service.views import accepted, wait_for_end
@@ -20,22 +21,28 @@ router = APIRouter(tags=["generate"])
              responses={200: {"model": JobAccepted, "description": "Finished within `wait` seconds."},
                         404: {"description": "An adapter named in `adapters` does not exist."},
                         422: {"description": "Invalid field (the message names it)."}})
-def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep, model: ModelInfoDep,
-             wait: float = Query(0, ge=0, description="Seconds to wait for the images before answering 202.")):
+async def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep, aredis: AsyncRedisDep,
+                   model: ModelInfoDep,
+                   wait: float = Query(0, ge=0, description="Seconds to wait for the images before answering 202.")):
     """Queue a text-to-image job; 202 with its links, or 200 with the finished job when it ends within `wait`."""
-    check_generate(req, settings, model)
     if wait > settings.max_wait_s:
         raise invalid("wait", f"at most {settings.max_wait_s} seconds", wait, where="query")
+    job_id = await run_in_threadpool(_submit, req, settings, store, model)  # tokenizer and blocking I/O: a thread
+    # the wait holds no thread: a thousand waiting clients must not starve the threadpool the other routes use
+    if wait and (job := await wait_for_end(aredis, job_id, wait)) is not None:
+        return JSONResponse(accepted(job_id, job["state"], job), status_code=200)
+    return accepted(job_id)
+
+
+def _submit(req: GenerateRequest, settings, store, model) -> str:
+    check_generate(req, settings, model)
     request = req.model_dump()
     if request["seed"] is None:  # chosen here so a re-delivered job makes the same images
         request["seed"] = secrets.randbelow(2**31)
-    job_id = store.create("generate", request)
+    job_id = store.create("generate", request)  # the record first, then the queue
     enqueue("generate", job_id)
     store.mark_enqueued(job_id)
-    if wait and wait_for_end(store, job_id, wait):
-        job = store.get(job_id)
-        return JSONResponse(accepted(job_id, job["state"], job), status_code=200)
-    return accepted(job_id)
+    return job_id
 
 
 def check_generate(req: GenerateRequest, settings, model) -> None:

@@ -129,14 +129,25 @@ def test_list_filters_and_counts(store):
 
 def test_waiting_longer_than_the_default_socket_timeout(client):
     """`POST /generate?wait=` and SSE block for longer than redis-py's default 5 s socket timeout."""
+    import asyncio
     import time
 
     from service.views import wait_for_end
     from worker.jobs import blocking_client
 
     url = "redis://{host}:{port}/{db}".format(**client.connection_pool.connection_kwargs)
-    store = JobStore(blocking_client(url), ttl_s=120, events_maxlen=1000)
+    store = JobStore(client, ttl_s=120, events_maxlen=1000)
     job_id = store.create("generate", {"prompt": "p"})
+
+    async def wait(seconds: float):
+        aredis = blocking_client(url, asyncio=True)
+        try:
+            return await wait_for_end(aredis, job_id, seconds)
+        finally:
+            await aredis.aclose()
+
     t0 = time.monotonic()
-    assert wait_for_end(store, job_id, 6) is False  # still queued: no answer, and no TimeoutError either
+    assert asyncio.run(wait(6)) is None  # still queued: no answer, and no TimeoutError either
     assert time.monotonic() - t0 >= 5.9
+    store.cancel(job_id)  # a queued job ends at once: the waiter gets it
+    assert asyncio.run(wait(6))["state"] == "cancelled"

@@ -4,7 +4,9 @@ never enqueued, a job that keeps killing its workers."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from _support.fixtures import shapes_dataset_zip, sse_events, wait_job
 from _support.servers import Stack, wait_until
@@ -48,6 +50,27 @@ def test_cancel_queued_generate_never_starts(finetune_stack):
     job = s.http.get(f"/jobs/{job_id}").json()
     assert job["state"] == "cancelled" and job["started_at"] is None and job["attempts"] == 0
     _CANCELLED_QUEUED.append(job_id)  # the next test starts a generate worker: it must not run this one
+
+
+def test_waiting_requests_hold_no_api_threads(finetune_stack):
+    """`POST /generate?wait=` waits on Redis, not in one of the API's 40 threadpool threads: with 60 clients
+    waiting (no generate worker here, so none of them finishes), a route that runs in a thread answers at once."""
+    s = finetune_stack
+    n, queued_before = 60, s.redis.llen("generate")
+    body = {"prompt": "a cat", "num_inference_steps": 2}
+    limits = httpx.Limits(max_connections=n + 5, max_keepalive_connections=n + 5)
+    with httpx.Client(base_url=s.base_url, timeout=30, limits=limits) as c, ThreadPoolExecutor(n) as pool:
+        waiting = [pool.submit(c.post, "/generate", params={"wait": 5}, json=body) for _ in range(n)]
+        wait_until(lambda: s.redis.llen("generate") >= queued_before + n, 10, "every request queued its job")
+        listed = c.get("/jobs", params={"state": "queued", "limit": 500})  # a plain `def` route: needs a thread
+        assert not any(f.done() for f in waiting), "the listing had to wait for the waiting requests"
+        assert listed.status_code == 200
+        answers = [f.result() for f in waiting]
+    assert [a.status_code for a in answers] == [202] * n  # the wait ran out: still queued
+    ids = {a.json()["job_id"] for a in answers}
+    assert ids <= {j["id"] for j in listed.json()["jobs"]}
+    for job_id in ids:
+        assert s.http.post(f"/jobs/{job_id}/cancel").json()["state"] == "cancelled"
 
 
 def test_worker_killed_during_finetune_new_worker_resumes_from_checkpoint(finetune_stack):
