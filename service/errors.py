@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import HTTPException
+import redis
+from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+
+# Redis holds the job records and the queue: without it no request that touches a job can be served.
+STORE_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 
 def invalid(field: str, msg: str, value: Any = None, *, where: str = "body") -> RequestValidationError:
@@ -20,3 +26,9 @@ def not_found(what: str) -> HTTPException:
 
 def conflict(what: str) -> HTTPException:
     return HTTPException(status_code=409, detail=what)
+
+
+async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 with the reason (not a bare 500) while Redis is unreachable."""
+    return JSONResponse({"detail": f"the job store (Redis) is unreachable, try again later: {exc}"},
+                        status_code=503, headers={"Retry-After": "5"})

@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
+from service.errors import STORE_DOWN, store_unavailable
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.model_info import get_model_info
 from service.routes import datasets, files, finetune, generate, health, jobs
@@ -48,6 +49,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
     app.state.registry.register(health.QueueCollector(app.state.store))
     for module in (generate, finetune, datasets, jobs, files, health):
         app.include_router(module.router)
+    for exc in STORE_DOWN:
+        app.add_exception_handler(exc, store_unavailable)
 
     upload_limit = settings.max_upload_bytes + (1 << 20)  # multipart framing and the other form fields
 
