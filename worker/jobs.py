@@ -27,6 +27,7 @@ ACTIVE_KEY = PREFIX + "jobs:active"
 STATS_KEY = PREFIX + "stats"
 WORKER_KEY = PREFIX + "worker:"
 RECONCILER_LOCK = PREFIX + "reconciler"
+JANITOR_LOCK = PREFIX + "janitor"
 ADAPTER_RESERVATION = PREFIX + "adapter-reserved:"
 
 KINDS = ("generate", "finetune")

@@ -1,4 +1,5 @@
-"""Worker process lifecycle (Celery signals): preload the pipeline, announce presence, run the reconciler.
+"""Worker process lifecycle (Celery signals): preload the pipeline, announce presence, run the reconciler (and,
+less often, the data volume's janitor).
 
 The reconciler exists because Celery's Redis transport does not promptly re-deliver the task of a worker that
 died (a worker only restores unacknowledged messages older than the visibility timeout, and only when it starts).
@@ -13,8 +14,8 @@ import threading
 
 from celery import signals
 
-from worker import presence
-from worker.jobs import RECONCILER_LOCK, JobStore
+from worker import janitor, presence
+from worker.jobs import JANITOR_LOCK, RECONCILER_LOCK, JobStore
 from worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,18 @@ def _reconcile_loop() -> None:
             reconcile_once(get_store())
         except Exception:  # noqa: BLE001
             log.warning("reconciler pass failed", exc_info=True)
+        try:
+            sweep_if_due(get_store())
+        except Exception:  # noqa: BLE001
+            log.warning("janitor pass failed", exc_info=True)
+
+
+def sweep_if_due(store: JobStore) -> dict[str, list[str]] | None:
+    """The data volume's janitor, once per janitor_interval_s across all workers (the lock expires with it)."""
+    s = get_worker_settings()
+    if not store.r.set(JANITOR_LOCK, node_name(), nx=True, px=int(s.janitor_interval_s * 1000)):
+        return None
+    return janitor.sweep(store, s.data_dir, job_ttl_s=s.job_ttl_s, dataset_ttl_s=s.dataset_ttl_s)
 
 
 def reconcile_once(store: JobStore) -> dict[str, str]:

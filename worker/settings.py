@@ -55,6 +55,10 @@ class WorkerSettings(CommonSettings):
     adapter_cache_size: int = Field(8, ge=1)  # resident LoRA adapters per worker (LRU)
     preload: bool = True  # build the pipeline when the worker starts, so /readyz means "can serve now"
     reconcile_interval_s: float = Field(10.0, gt=0)
+    # The data volume's janitor (worker.janitor): one worker sweeps this often; an unused dataset stays this long
+    # (0: forever). Job folders go when their record has expired (job_ttl_s).
+    janitor_interval_s: float = Field(3600.0, gt=0)
+    dataset_ttl_s: int = Field(7 * 24 * 3600, ge=0)
 
 
 @lru_cache

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from minidalle import Cancelled
-from worker import lifecycle
+from worker import janitor, lifecycle
 from worker.celery_app import FINETUNE_TASK, GENERATE_TASK, app
 from worker.jobs import EventChannel, JobStore, adapter_url, image_url
 from worker.metrics import StepTimings
@@ -222,6 +223,7 @@ def _finetune(run: JobRun) -> dict:
     dataset_dir = settings.data_dir / "datasets" / req["dataset_id"]
     if not dataset_dir.is_dir():
         raise ValueError(f"dataset_id: dataset {req['dataset_id']!r} not found")
+    janitor.mark_used(dataset_dir)
     job_dir = settings.data_dir / "jobs" / run.id
     out_dir = job_dir / "adapter"  # written by the trainer, renamed into adapters/{name} at the end
     final = settings.data_dir / "adapters" / req["name"]
@@ -231,6 +233,7 @@ def _finetune(run: JobRun) -> dict:
     if marker.is_file():  # a re-delivery after this job published, or died between marker and rename
         if out_dir.is_dir() and not final.exists():
             os.rename(out_dir, final)
+        shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
         return result
     if not _finished_adapter(out_dir, req["steps"]):
         config = TrainConfig(
@@ -249,6 +252,7 @@ def _finetune(run: JobRun) -> dict:
         raise ValueError(f"name: adapter {req['name']!r} already exists; this job's adapter stays in {out_dir}")
     marker.write_text(req["name"])
     os.rename(out_dir, final)
+    shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # published: nothing left to resume
     return result
 
 

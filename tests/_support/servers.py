@@ -166,6 +166,7 @@ def service_env(redis_url: str, data_dir: Path, **overrides: str) -> dict[str, s
         "MINIDALLE_HEARTBEAT_INTERVAL_S": "0.5",
         "MINIDALLE_STALE_AFTER_S": "3",
         "MINIDALLE_RECONCILE_INTERVAL_S": "0.5",
+        "MINIDALLE_JANITOR_INTERVAL_S": "1",
         "MINIDALLE_TORCH_THREADS": "1",  # the test machine has 2 cores, shared
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",

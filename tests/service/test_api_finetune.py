@@ -55,6 +55,9 @@ def test_finetune_publishes_adapter_that_changes_generation(stack):
     assert job["state"] == "succeeded"
     assert job["result"]["adapter"]["name"] == "shapes-a"
     assert job["progress"]["step"] == 20 and job["progress"]["total"] == 20
+    job_dir = stack.data_dir / "jobs" / job_id
+    assert not (job_dir / "checkpoints").exists()  # published: the checkpoints are dropped (a cancel keeps them)
+    assert (job_dir / "validation").is_dir()  # served until the job expires
 
     listed = stack.http.get("/adapters").json()["adapters"]
     assert "shapes-a" in [a["name"] for a in listed]

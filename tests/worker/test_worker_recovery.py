@@ -3,6 +3,7 @@ never enqueued, a job that keeps killing its workers."""
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,7 +50,7 @@ def test_cancel_queued_generate_never_starts(finetune_stack):
     assert [e[0] for e in events] == ["queued", "cancelled"]
     job = s.http.get(f"/jobs/{job_id}").json()
     assert job["state"] == "cancelled" and job["started_at"] is None and job["attempts"] == 0
-    _CANCELLED_QUEUED.append(job_id)  # the next test starts a generate worker: it must not run this one
+    _CANCELLED_QUEUED.append(job_id)  # a later test starts a worker: it must not run this one
 
 
 def test_waiting_requests_hold_no_api_threads(finetune_stack):
@@ -147,6 +148,21 @@ def test_job_that_keeps_killing_workers_fails_after_max_attempts(finetune_stack)
     job = wait_job(s.http, job_id, timeout=30)  # worker ft2's reconciler gives up on it
     assert job["state"] == "failed" and job["attempts"] == 3
     assert "gave up after 3 attempts" in job["error"]
+
+
+def test_workers_sweep_expired_job_folders(finetune_stack):
+    s = finetune_stack  # worker ft2 (started by an earlier test) runs the janitor every second (service_env)
+    orphan = s.data_dir / "jobs" / ("ef" * 16)  # a job whose record expired long ago
+    (orphan / "images").mkdir(parents=True)
+    (orphan / "images" / "0.png").write_bytes(b"x")
+    old = time.time() - 8 * 24 * 3600
+    for p in (orphan / "images" / "0.png", orphan / "images", orphan):
+        os.utime(p, (old, old))
+    fresh = s.data_dir / "jobs" / ("cd" * 16)  # record gone too (e.g. Redis lost it), but written just now
+    fresh.mkdir()
+    wait_until(lambda: not orphan.exists(), 15, "the janitor removed the expired job folder")
+    assert fresh.exists()
+    fresh.rmdir()
 
 
 def test_time_limit_fails_the_job_and_keeps_the_checkpoint(finetune_stack):

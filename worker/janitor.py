@@ -1,0 +1,106 @@
+"""What the data volume no longer needs, removed: a job's folder once its record expired, datasets nobody used for a
+while, uploads that died half-way. Torch-free; run by the workers' reconciler loop, once per interval across all
+workers (a Redis lock).
+
+    jobs/{id}/          removed when the job's record is gone from Redis (it expires `job_ttl_s` after the job
+                        ended) and nothing in the folder changed for `job_ttl_s` either (so a Redis that lost its
+                        data does not take fresh results with it)
+    datasets/{id}/      removed when unused for `dataset_ttl_s` (uploaded, or last trained on, that long ago) and no
+                        queued or running fine-tune names it; `dataset_ttl_s = 0` keeps datasets forever
+    datasets/.incoming-*, .deleting-*    leftovers of an upload or a removal that was interrupted: after an hour
+
+Adapters are never removed here (only `DELETE /adapters/{name}` does). A folder is first renamed to `.deleting-…`
+and then deleted, so a half-removed folder is never served as a job's or a dataset's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from worker.jobs import JobStore, job_key
+
+log = logging.getLogger(__name__)
+ID_RE = re.compile(r"^[0-9a-f]{32}$")  # job ids and dataset ids
+LEFTOVER_PREFIXES = (".incoming-", ".deleting-")
+LEFTOVER_AFTER_S = 3600.0
+
+
+def newest_mtime(path: Path) -> float:
+    """The latest modification time of the folder or anything in it."""
+    newest = path.stat().st_mtime
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest
+
+
+def remove_tree(path: Path) -> None:
+    """Rename aside, then delete: readers see the folder whole or not at all."""
+    doomed = path.with_name(f".deleting-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+    except FileNotFoundError:
+        return []
+
+
+def datasets_in_use(store: JobStore) -> set[str]:
+    used = set()
+    for job_id in store.active_ids():
+        job = store.get(job_id)
+        if job and job["kind"] == "finetune" and job.get("request"):
+            used.add(job["request"].get("dataset_id"))
+    return used
+
+
+def sweep(store: JobStore, data_dir: Path, *, job_ttl_s: float, dataset_ttl_s: float,
+          now: float | None = None) -> dict[str, list[str]]:
+    """One pass; returns what was removed, by kind."""
+    now = time.time() if now is None else now
+    removed: dict[str, list[str]] = {"jobs": [], "datasets": [], "leftovers": []}
+    for parent in (data_dir / "jobs", data_dir / "datasets"):
+        for d in _subdirs(parent):
+            if d.name.startswith(LEFTOVER_PREFIXES) and now - newest_mtime(d) >= LEFTOVER_AFTER_S:
+                shutil.rmtree(d, ignore_errors=True)
+                removed["leftovers"].append(f"{parent.name}/{d.name}")
+
+    for d in _subdirs(data_dir / "jobs"):
+        if not ID_RE.match(d.name) or store.r.exists(job_key(d.name)):
+            continue
+        if now - newest_mtime(d) >= job_ttl_s:
+            remove_tree(d)
+            removed["jobs"].append(d.name)
+
+    if dataset_ttl_s > 0:
+        in_use = datasets_in_use(store)
+        for d in _subdirs(data_dir / "datasets"):
+            if not ID_RE.match(d.name) or d.name in in_use:
+                continue
+            if now - d.stat().st_mtime >= dataset_ttl_s:  # the folder's mtime: uploaded or last trained on
+                remove_tree(d)
+                removed["datasets"].append(d.name)
+    for kind, names in removed.items():
+        if names:
+            log.info("janitor: removed %d %s: %s", len(names), kind, ", ".join(names[:20]))
+    return removed
+
+
+def mark_used(dataset_dir: Path) -> None:
+    """A fine-tune starts on this dataset: its unused-for clock restarts."""
+    try:
+        os.utime(dataset_dir)
+    except OSError:
+        pass
