@@ -6,27 +6,11 @@ import json
 
 import pytest
 import redis
-from _support.servers import start_redis
 
 from worker import tasks
 from worker.jobs import EventChannel, JobStore, events_key, job_key
 from worker.metrics import step_key
 from worker.settings import WorkerSettings
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    r = redis.Redis.from_url(url, decode_responses=True)
-    yield r
-    r.close()
-    proc.stop()
-
-
-@pytest.fixture
-def store(client) -> JobStore:
-    client.flushdb()
-    return JobStore(client, ttl_s=120, events_maxlen=1000)
 
 
 def _running(store: JobStore, worker: str = "w1") -> str:

@@ -6,31 +6,11 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-import redis
-from _support.servers import start_redis
-
 from worker import janitor, lifecycle
-from worker.jobs import JobStore
 from worker.settings import get_worker_settings
 
 DAY = 24 * 3600.0
 TTL = 7 * DAY
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    r = redis.Redis.from_url(url, decode_responses=True)
-    yield r
-    r.close()
-    proc.stop()
-
-
-@pytest.fixture
-def store(client) -> JobStore:
-    client.flushdb()
-    return JobStore(client, ttl_s=3600, events_maxlen=1000)
 
 
 def _folder(path: Path, age_s: float, files: dict[str, float] | None = None) -> Path:

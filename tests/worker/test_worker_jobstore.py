@@ -4,26 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import redis
-from _support.servers import start_redis
-
 from worker.jobs import ACTIVE_KEY, STATS_KEY, JobStore, events_key, job_key
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    r = redis.Redis.from_url(url, decode_responses=True)
-    yield r
-    r.close()
-    proc.stop()
-
-
-@pytest.fixture
-def store(client) -> JobStore:
-    client.flushdb()
-    return JobStore(client, ttl_s=120, events_maxlen=1000)
 
 
 def _events(store: JobStore, job_id: str) -> list[str]:
