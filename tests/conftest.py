@@ -115,6 +115,24 @@ def make_adapter(tiny_pipe, tmp_path) -> Callable[..., Path]:
     return make
 
 
+def zorb_dataset(folder: Path, n: int, size: tuple[int, int] = (32, 32)) -> Path:
+    """`n` random images of `size` (height, width) with kohya captions "a zorb number i"."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a zorb number {i}")
+    return folder
+
+
+@pytest.fixture
+def zorb(tmp_path) -> Callable[..., Path]:
+    """`zorb(n, size=(32, 32))` → a `zorb_dataset` folder (tmp_path/ds)."""
+    return lambda n, size=(32, 32): zorb_dataset(tmp_path / "ds", n, size)
+
+
 def run_cli(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 120):
     """Run `python -m minidalle.cli ARGS` in a subprocess (the real entry point, a fresh interpreter)."""
     import subprocess

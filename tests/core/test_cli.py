@@ -178,14 +178,8 @@ def test_console_script_is_declared():
 
 
 @pytest.fixture
-def dataset(tmp_path):
-    ds = tmp_path / "ds"
-    ds.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(ds / f"img{i}.png")
-        (ds / f"img{i}.txt").write_text(f"a zorb number {i}")
-    return ds
+def dataset(zorb):
+    return zorb(3)
 
 
 def test_finetune_then_generate_with_the_adapter(dataset, tmp_path, capsys):

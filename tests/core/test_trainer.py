@@ -16,15 +16,9 @@ from minidalle.trainer import TrainConfig, latest_checkpoint, train
 
 
 @pytest.fixture
-def dataset(tmp_path):
+def dataset(zorb):
     """Four 40×48 images (not square: exercises resize + centre crop), kohya captions."""
-    ds = tmp_path / "ds"
-    ds.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(ds / f"img{i}.png")
-        (ds / f"img{i}.txt").write_text(f"a zorb number {i}")
-    return ds
+    return zorb(4, (40, 48))
 
 
 def config(dataset, out, **kw) -> TrainConfig:
