@@ -14,6 +14,7 @@ them come from Redis' clock, so staleness never depends on two machines' clocks 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import redis
 
+log = logging.getLogger(__name__)
 PREFIX = "minidalle:"
 INDEX_KEY = PREFIX + "jobs"
 ACTIVE_KEY = PREFIX + "jobs:active"
@@ -46,11 +48,12 @@ def events_key(job_id: str) -> str:
 def blocking_client(url: str, *, asyncio: bool = False):
     """A client for blocking reads (BLPOP on `done`, XREAD BLOCK on events) that may wait longer than redis-py's
     default 5 s socket timeout; dead peers are still noticed through TCP keepalive and a health check."""
+    options = dict(decode_responses=True, socket_timeout=None, socket_keepalive=True, health_check_interval=30)
     if asyncio:
         from redis import asyncio as aioredis
 
-        return aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=None, health_check_interval=30)
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=None, health_check_interval=30)
+        return aioredis.Redis.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def done_key(job_id: str) -> str:
@@ -239,7 +242,7 @@ class JobStore:
         self.r.hset(job_key(job_id), "enqueued", 1)
 
     def cancel(self, job_id: str) -> str:
-        """'cancelled' (was queued), 'requested' (running: the worker stops at its next step), 'finished', 'missing'."""
+        """'cancelled' (was queued), 'requested' (running: it stops soon), 'finished', 'missing'."""
         data = json.dumps({"reason": "cancelled before it started"})
         return self._cancel(
             keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY, done_key(job_id)],
@@ -375,24 +378,33 @@ class EventChannel:
     of which are the job's cancel / owner fields. A worker sends after a step and receives during the next one,
     when the replies have long arrived, so its compute loop does not wait on round trips. At most one batch is
     in flight: `send` first receives the previous one, so replies never get out of step with their commands.
+    A command Redis refused (OOM, READONLY, ...) is logged; the flags are still read. A broken connection is
+    dropped and raises; the next `send` opens another.
     """
+
+    READ_TIMEOUT_S = 30.0  # replies are normally there already; this only bounds a Redis that hangs
 
     def __init__(self, store: JobStore, job_id: str, worker: str):
         self.store, self.job_id, self.worker = store, job_id, worker
         self._conn = None
         self._in_flight = 0  # replies still to read
 
-    def send(self, events: list[tuple[str, dict]], extra: list[tuple] = ()) -> None:
-        self.receive()
+    def send(self, events: list[tuple[str, dict]], extra: list[tuple] = ()) -> tuple[bool, bool] | None:
+        """Write a batch; returns the previous batch's outcome (see `receive`) if one was still in flight."""
+        try:
+            previous = self.receive()
+        except redis.RedisError:  # its connection is gone; this batch goes on a new one
+            previous = None
         commands = self.store.event_commands(self.job_id, events, extra)
         if self._conn is None:
             self._conn = self.store.r.connection_pool.get_connection()
         try:
             self._conn.send_packed_command(self._conn.pack_commands(commands))
-        except Exception:
+        except BaseException:
             self._drop()
             raise
         self._in_flight = len(commands)
+        return previous
 
     def receive(self) -> tuple[bool, bool] | None:
         """The last batch's outcome: (cancel requested, still owned by this worker); None if none is in flight."""
@@ -402,17 +414,20 @@ class EventChannel:
         try:
             for _ in range(self._in_flight):
                 try:
-                    replies.append(self._conn.read_response())
+                    replies.append(self._conn.read_response(timeout=self.READ_TIMEOUT_S))
                 except redis.ResponseError as e:  # one command failed; the others' replies still follow
                     replies.append(e)
-        except Exception:
+        except BaseException:
             self._drop()
             raise
         finally:
             self._in_flight = 0
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        failed = [r for r in replies[:-1] if isinstance(r, Exception)]
+        if failed:
+            log.warning("job %s: Redis refused %d of %d event commands: %s", self.job_id, len(failed),
+                        len(replies) - 1, failed[0])
+        if isinstance(replies[-1], Exception):
+            raise replies[-1]
         cancel, owner, state = replies[-1]
         return cancel == "1", owner == self.worker and state == "running"
 

@@ -28,6 +28,7 @@ PUBLISH_EVERY_S = 0.1
 # After a step at least this long, wait for the batch's reply at once (a round trip is nothing next to it), so a
 # cancel is seen at the very next step instead of one step later.
 WAIT_AFTER_STEP_S = 0.5
+KEEP_UNSENT_EVENTS = 10_000  # while Redis is unreachable, the newest events wait for the next batch
 
 
 class Stop(Cancelled):  # noqa: N818 - a Cancelled, so the trainer saves a checkpoint before it propagates
@@ -43,10 +44,11 @@ class JobRun:
 
     Events are buffered and sent from the compute thread over the job's EventChannel: a batch at most every
     PUBLISH_EVERY_S, whose reply (which carries the cancel / ownership flags) is read during the next step, so
-    the steps never wait on Redis and a cancel is seen within about PUBLISH_EVERY_S. Events other than progress
-    are sent and confirmed at once. No thread sits between the steps and Redis: on a busy host, waking one per
-    batch (and waiting for it to drain at the end) cost more than the round trips it saved. The heartbeat is a
-    thread, so a step that takes minutes never lets it go stale.
+    the steps never wait on Redis. A cancel is seen once a batch's reply carries it: within about PUBLISH_EVERY_S
+    for fast steps, one step late for steps of 0.1-0.5 s, at the next step for longer ones (their reply is
+    awaited). Events other than progress are sent and confirmed at once. No thread sits between the steps and
+    Redis: on a busy host, waking one per batch (and waiting for it to drain at the end) cost more than the round
+    trips it saved. The heartbeat is a thread, so a step that takes minutes never lets it go stale.
     """
 
     def __init__(self, store: JobStore, job: dict, worker: str, settings: WorkerSettings):
@@ -71,6 +73,8 @@ class JobRun:
 
     def __exit__(self, *exc) -> None:
         self.flush(extra=self.timings.commands())
+        if self._events:  # the last batch could not be sent: once more, on a new connection
+            self.flush()
         self._channel.close()
         self._stop.set()
         self._beat.join()
@@ -114,11 +118,16 @@ class JobRun:
     def _send(self, extra: list[tuple] = ()) -> None:
         events, self._events = self._events, []
         self._sent_at = time.perf_counter()
-        if events or extra:
-            try:
-                self._channel.send(events, extra)
-            except Exception:  # noqa: BLE001 - progress events are best effort; the record decides
-                log.warning("publishing events of %s failed", self.id, exc_info=True)
+        if not (events or extra):
+            return
+        try:
+            flags = self._channel.send(events, extra)
+        except Exception:  # noqa: BLE001 - Redis unreachable: keep the events for the next batch
+            log.warning("publishing events of %s failed", self.id, exc_info=True)
+            self._events = (events + self._events)[-KEEP_UNSENT_EVENTS:]
+            return
+        if flags is not None:
+            self.flags = flags
 
     def _receive(self) -> None:
         try:
@@ -249,7 +258,8 @@ def _finetune(run: JobRun) -> dict:
         train(config, on_progress=lambda event: _train_event(run, job_dir, event), pipeline=get_pipeline(settings))
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        raise ValueError(f"name: adapter {req['name']!r} already exists; this job's adapter stays in {out_dir}")
+        raise ValueError(f"name: adapter {req['name']!r} already exists; this job's adapter stays in {out_dir} "
+                         "until the job expires")
     marker.write_text(req["name"])
     os.rename(out_dir, final)
     shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # published: nothing left to resume

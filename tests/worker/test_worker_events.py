@@ -47,16 +47,20 @@ def test_channel_sends_without_waiting_and_reads_flags_later(store):
     ch2.close()
 
 
-def test_channel_stays_in_step_after_a_failed_command(store):
+def test_channel_stays_in_step_after_a_failed_command(store, caplog):
     job_id = _running(store)
     ch = EventChannel(store, job_id, "w1")
-    ch.send([_progress(1)], extra=[("HINCRBY", job_key(job_id), "state", 1)])  # 'running' is not an integer
-    with pytest.raises(redis.ResponseError):
-        ch.receive()
-    ch.send([_progress(2)])
-    assert ch.receive() == (False, True)  # the replies did not shift: this is still the HMGET's
+    bad = ("HINCRBY", job_key(job_id), "state", 1)  # 'running' is not an integer: Redis refuses it
+    ch.send([_progress(1)], extra=[bad])
+    store.cancel(job_id)
+    ch.send([_progress(2)], extra=[bad])  # reads the first batch (one refused command) and still sends this one
+    with caplog.at_level("WARNING"):
+        assert ch.receive() == (True, True)  # the flags are read all the same: the cancel is not missed
+    assert "Redis refused 1 of 3 event commands" in caplog.text
+    ch.send([_progress(3)])
+    assert ch.receive() == (True, True)  # the replies did not shift: this is still the HMGET's
     ch.close()
-    assert [d["step"] for t, d in _events(store, job_id) if t == "progress"] == [1, 2]
+    assert [d["step"] for t, d in _events(store, job_id) if t == "progress"] == [1, 2, 3]
 
 
 def test_channel_reconnects_after_its_connection_is_killed(store):
@@ -147,3 +151,26 @@ def test_jobrun_batches_fast_steps(store, monkeypatch):
     # the first step goes out at once (a listener sees the job move), the other 49 with the run's end
     assert sent == [1, 49]
     assert [d["step"] for t, d in _events(store, job_id) if t == "progress"] == list(range(1, 51))
+
+
+def test_jobrun_keeps_events_it_could_not_send_and_sends_them_later(store, monkeypatch):
+    real_send = EventChannel.send
+    calls = []
+
+    def failing_once(self, events, extra=()):
+        calls.append(len(events))
+        if len(calls) == 1:
+            raise redis.ConnectionError("Redis went away")
+        return real_send(self, events, extra)
+
+    monkeypatch.setattr(EventChannel, "send", failing_once)
+    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 0.0)
+    job_id = _running(store)
+    with _run(store, job_id) as run:
+        for step in range(1, 6):
+            run.publish({"step": step, "total": 5})
+        run.emit({"index": 0}, event="image")
+    assert calls[:2] == [1, 2]  # step 1 failed, went again with step 2
+    events = _events(store, job_id)
+    assert [d["step"] for t, d in events if t == "progress"] == [1, 2, 3, 4, 5]
+    assert events[-1][0] == "image"
