@@ -10,6 +10,7 @@ from typing import Annotated
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from service.model_info import ModelInfo, get_model_info
 from service.settings import ApiSettings
@@ -28,8 +29,11 @@ async def _aredis(request: Request) -> aioredis.Redis:
     return request.app.state.aredis
 
 
-async def _model_info(settings: Annotated[ApiSettings, Depends(_settings)]) -> ModelInfo:
-    return get_model_info(settings.model)  # cached; read once at startup (service.main's lifespan)
+async def _model_info(request: Request, settings: Annotated[ApiSettings, Depends(_settings)]) -> ModelInfo:
+    info = getattr(request.app.state, "model_info", None)  # read at startup (service.main's lifespan)
+    if info is None:  # that failed (e.g. a hub download): try again, off the event loop
+        info = request.app.state.model_info = await run_in_threadpool(get_model_info, settings.model)
+    return info
 
 
 SettingsDep = Annotated[ApiSettings, Depends(_settings)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
+log = logging.getLogger(__name__)
 # Redis holds the job records and the queue: without it no request that touches a job can be served.
 STORE_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
@@ -29,6 +31,7 @@ def conflict(what: str) -> HTTPException:
 
 
 async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    """503 with the reason (not a bare 500) while Redis is unreachable."""
-    return JSONResponse({"detail": f"the job store (Redis) is unreachable, try again later: {exc}"},
+    """503 with the reason (not a bare 500) while Redis is unreachable; the details (addresses) go to the log."""
+    log.warning("%s %s: Redis unreachable: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": "the job store (Redis) is unreachable, try again later"},
                         status_code=503, headers={"Retry-After": "5"})

@@ -34,7 +34,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
     async def lifespan(app):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:  # tokenizer and model configs now, so the first request does not pay for them
-            await run_in_threadpool(get_model_info, settings.model)
+            app.state.model_info = await run_in_threadpool(get_model_info, settings.model)
         except Exception:  # noqa: BLE001 - /generate will report it; /healthz must still answer
             log.exception("could not read model %r", settings.model or "(embedded)")
         yield
@@ -43,6 +43,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
 
     app = FastAPIOffline(title="minidalle", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.model_info = None  # read by the lifespan, or by the first request that needs it
     app.state.store = JobStore.from_settings(settings)
     app.state.aredis = blocking_client(settings.broker_url, asyncio=True)  # SSE: XREAD BLOCK of sse_ping_s
     app.state.registry = CollectorRegistry()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import redis.asyncio as aioredis
 
-from worker.jobs import TERMINAL, decode_job, done_key, job_key
+from service.errors import STORE_DOWN
+from worker.celery_app import enqueue
+from worker.jobs import TERMINAL, JobStore, decode_job, done_key, job_key
+
+log = logging.getLogger(__name__)
 
 
 def links(job_id: str) -> dict[str, str]:
@@ -30,3 +36,13 @@ async def wait_for_end(aredis: aioredis.Redis, job_id: str, timeout_s: float) ->
     raw = await aredis.hgetall(job_key(job_id))
     job = decode_job(raw) if raw else None
     return job if job is not None and job["state"] in TERMINAL else None
+
+
+def enqueue_recorded(store: JobStore, kind: str, job_id: str) -> None:
+    """Queue a job whose record exists. If the queue is unreachable now, the job still exists and the workers'
+    reconciler enqueues it after its grace period: the client gets its 202 (a retry would make a second job)."""
+    try:
+        enqueue(kind, job_id)
+        store.mark_enqueued(job_id)
+    except STORE_DOWN:
+        log.warning("job %s recorded but not enqueued; the reconciler will enqueue it", job_id, exc_info=True)

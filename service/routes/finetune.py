@@ -14,8 +14,8 @@ from service.deps import ModelInfoDep, SettingsDep, StoreDep
 from service.errors import conflict, invalid
 from service.routes.datasets import UPLOAD_RESPONSES, dataset_path, ingest
 from service.schemas import FinetuneRequest, JobAccepted
-from service.views import accepted
-from worker.celery_app import enqueue
+from service.views import accepted, enqueue_recorded
+from worker import janitor
 
 router = APIRouter(tags=["finetune"])
 
@@ -105,7 +105,7 @@ def _submit(req: FinetuneRequest, settings, store):
     if (settings.data_dir / "adapters" / req.name).exists():  # published between the check and the hold
         store.release_adapter_name(req.name, job_id)
         raise conflict(f"name: adapter {req.name!r} already exists")
+    janitor.mark_used(settings.data_dir / "datasets" / req.dataset_id)  # not swept while this job waits
     store.create("finetune", req.model_dump(), job_id=job_id)
-    enqueue("finetune", job_id)
-    store.mark_enqueued(job_id)
+    enqueue_recorded(store, "finetune", job_id)
     return accepted(job_id)

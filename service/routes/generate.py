@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 from fastapi import APIRouter, Query
@@ -9,11 +10,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.deps import AsyncRedisDep, ModelInfoDep, SettingsDep, StoreDep
-from service.errors import invalid, not_found
+from service.errors import STORE_DOWN, invalid, not_found
 from service.schemas import GenerateRequest, JobAccepted
-from service.views import accepted, wait_for_end
-from worker.celery_app import enqueue
+from service.views import accepted, enqueue_recorded, wait_for_end
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["generate"])
 
 
@@ -29,7 +30,12 @@ async def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep,
         raise invalid("wait", f"at most {settings.max_wait_s} seconds", wait, where="query")
     job_id = await run_in_threadpool(_submit, req, settings, store, model)  # tokenizer and blocking I/O: a thread
     # the wait holds no thread: a thousand waiting clients must not starve the threadpool the other routes use
-    if wait and (job := await wait_for_end(aredis, job_id, wait)) is not None:
+    try:
+        job = await wait_for_end(aredis, job_id, wait) if wait else None
+    except STORE_DOWN:  # the job exists: say so (202), a retry would make a second one
+        log.warning("job %s: waiting for it failed; answering 202", job_id, exc_info=True)
+        job = None
+    if job is not None:
         return JSONResponse(accepted(job_id, job["state"], job), status_code=200)
     return accepted(job_id)
 
@@ -40,8 +46,7 @@ def _submit(req: GenerateRequest, settings, store, model) -> str:
     if request["seed"] is None:  # chosen here so a re-delivered job makes the same images
         request["seed"] = secrets.randbelow(2**31)
     job_id = store.create("generate", request)  # the record first, then the queue
-    enqueue("generate", job_id)
-    store.mark_enqueued(job_id)
+    enqueue_recorded(store, "generate", job_id)
     return job_id
 
 

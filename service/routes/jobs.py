@@ -46,7 +46,8 @@ def get_job(job_id: str, store: StoreDep):
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=CancelResult,
              responses={404: {"description": "Unknown job."}, 409: {"description": "The job already ended."}})
 def cancel_job(job_id: str, store: StoreDep):
-    """Cancel: a queued job never starts; a running one stops at its next step (a fine-tune keeps its checkpoint)."""
+    """Cancel: a queued job never starts; a running one stops at a step boundary within about 0.1 s or a step (a
+    fine-tune keeps its checkpoint)."""
     job = _get(store, job_id)
     outcome = store.cancel(job_id)
     if outcome == "missing":
@@ -58,7 +59,7 @@ def cancel_job(job_id: str, store: StoreDep):
         if job["kind"] == "finetune":
             store.release_adapter_name(job["request"]["name"], job_id)
         return {"job_id": job_id, "state": "cancelled", "detail": "cancelled before it started"}
-    return {"job_id": job_id, "state": "running", "detail": "cancel requested; the worker stops at its next step"}
+    return {"job_id": job_id, "state": "running", "detail": "cancel requested; the worker stops shortly"}
 
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from worker.jobs import ACTIVE_KEY, STATS_KEY, JobStore, events_key, job_key
 
@@ -132,3 +133,20 @@ def test_waiting_longer_than_the_default_socket_timeout(client):
     assert time.monotonic() - t0 >= 5.9
     store.cancel(job_id)  # a queued job ends at once: the waiter gets it
     assert asyncio.run(wait(6))["state"] == "cancelled"
+
+
+def test_a_recorded_job_whose_enqueue_fails_is_left_to_the_reconciler(store, monkeypatch):
+    """The API answers 202 for it (a retry would make a second job); the reconciler enqueues it later."""
+    from kombu.exceptions import OperationalError
+
+    from service import views
+
+    def broker_down(kind, job_id):
+        raise OperationalError("Error 111 connecting to redis:6379. Connection refused.")
+
+    monkeypatch.setattr(views, "enqueue", broker_down)
+    job_id = store.create("generate", {"prompt": "p"})
+    views.enqueue_recorded(store, "generate", job_id)  # no exception
+    assert store.r.hget(job_key(job_id), "enqueued") == "0"  # the reconciler's "recorded, never enqueued" case
+    store.r.hset(job_key(job_id), "created_at", repr(time.time() - 60))
+    assert store.reconcile_one(job_id, stale_after_s=30, max_attempts=3, enqueue_grace_s=10) == "enqueue"
