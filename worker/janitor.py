@@ -68,30 +68,44 @@ def datasets_in_use(store: JobStore) -> set[str]:
 
 def sweep(store: JobStore, data_dir: Path, *, job_ttl_s: float, dataset_ttl_s: float,
           now: float | None = None) -> dict[str, list[str]]:
-    """One pass; returns what was removed, by kind."""
+    """One pass; returns what was removed, by kind. A folder that vanishes or fails mid-pass is skipped."""
     now = time.time() if now is None else now
     removed: dict[str, list[str]] = {"jobs": [], "datasets": [], "leftovers": []}
-    for parent in (data_dir / "jobs", data_dir / "datasets"):
-        for d in _subdirs(parent):
-            if d.name.startswith(LEFTOVER_PREFIXES) and now - newest_mtime(d) >= LEFTOVER_AFTER_S:
-                shutil.rmtree(d, ignore_errors=True)
-                removed["leftovers"].append(f"{parent.name}/{d.name}")
 
-    for d in _subdirs(data_dir / "jobs"):
-        if not ID_RE.match(d.name) or store.r.exists(job_key(d.name)):
-            continue
-        if now - newest_mtime(d) >= job_ttl_s:
+    def each(parent: Path, decide) -> None:
+        for d in _subdirs(parent):
+            try:
+                decide(d)
+            except OSError as e:  # gone meanwhile (another sweep, a DELETE), or unreadable: the next pass retries
+                log.warning("janitor: skipped %s: %s", d, e)
+
+    def leftover(d: Path) -> None:
+        if d.name.startswith(LEFTOVER_PREFIXES) and now - newest_mtime(d) >= LEFTOVER_AFTER_S:
+            shutil.rmtree(d, ignore_errors=True)
+            removed["leftovers"].append(f"{d.parent.name}/{d.name}")
+
+    def job(d: Path) -> None:
+        if ID_RE.match(d.name) and not store.r.exists(job_key(d.name)) and now - newest_mtime(d) >= job_ttl_s:
             remove_tree(d)
             removed["jobs"].append(d.name)
 
+    def dataset(d: Path) -> None:
+        if not ID_RE.match(d.name) or d.name in in_use or now - d.stat().st_mtime < dataset_ttl_s:
+            return  # the folder's mtime: uploaded, or last trained on / submitted for training
+        doomed = d.with_name(f".deleting-{d.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(d, doomed)
+        if d.name in datasets_in_use(store):  # a fine-tune named it while we looked: put it back
+            os.rename(doomed, d)
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed["datasets"].append(d.name)
+
+    each(data_dir / "jobs", leftover)
+    each(data_dir / "datasets", leftover)
+    each(data_dir / "jobs", job)
     if dataset_ttl_s > 0:
         in_use = datasets_in_use(store)
-        for d in _subdirs(data_dir / "datasets"):
-            if not ID_RE.match(d.name) or d.name in in_use:
-                continue
-            if now - d.stat().st_mtime >= dataset_ttl_s:  # the folder's mtime: uploaded or last trained on
-                remove_tree(d)
-                removed["datasets"].append(d.name)
+        each(data_dir / "datasets", dataset)
     for kind, names in removed.items():
         if names:
             log.info("janitor: removed %d %s: %s", len(names), kind, ", ".join(names[:20]))

@@ -84,3 +84,27 @@ def test_one_sweep_per_interval_across_workers(store, tmp_path, monkeypatch):
         assert (tmp_path / "jobs" / _id(31)).exists()
     finally:
         get_worker_settings.cache_clear()
+
+
+def test_a_folder_that_fails_mid_pass_is_skipped_not_the_whole_pass(store, tmp_path, monkeypatch):
+    vanishing = _folder(tmp_path / "jobs" / _id(40), 30 * DAY)
+    other = _folder(tmp_path / "jobs" / _id(41), 30 * DAY)
+    real = janitor.newest_mtime
+
+    def flaky(path):
+        if path.name == vanishing.name:
+            raise FileNotFoundError(path)  # e.g. another sweep removed it a moment ago
+        return real(path)
+
+    monkeypatch.setattr(janitor, "newest_mtime", flaky)
+    assert janitor.sweep(store, tmp_path, job_ttl_s=TTL, dataset_ttl_s=TTL)["jobs"] == [_id(41)]
+    assert not other.exists()
+
+
+def test_a_dataset_named_by_a_new_finetune_during_the_sweep_is_put_back(store, tmp_path, monkeypatch):
+    ds = _folder(tmp_path / "datasets" / _id(50), 8 * DAY)
+    answers = iter([set(), {_id(50)}])  # unused when the pass starts; a fine-tune names it before the delete
+    monkeypatch.setattr(janitor, "datasets_in_use", lambda store: next(answers))
+    assert janitor.sweep(store, tmp_path, job_ttl_s=TTL, dataset_ttl_s=TTL)["datasets"] == []
+    assert (ds / "a.png").is_file()
+    assert [p.name for p in ds.parent.iterdir()] == [_id(50)]
