@@ -53,6 +53,7 @@ def baseline_main(args) -> int:
     pipe = MiniDallePipeline.from_pretrained(args.model or None)
     body = request_body(args)
     out_dir = Path(args.baseline)
+    out_dir.mkdir(parents=True, exist_ok=True)
     print("ready", flush=True)
     for i, _ in enumerate(sys.stdin):
         t0 = time.perf_counter()
@@ -69,11 +70,16 @@ class InProcess:
     def __init__(self, args, out_dir: Path):
         cmd = [sys.executable, __file__, "--baseline", str(out_dir), "--steps", str(args.steps), "--size",
                str(args.size), "--threads", str(args.threads), "--model", args.model]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
-        line = self.proc.stdout.readline().strip()
-        if line != "ready":
-            raise RuntimeError(f"the baseline process did not start (exit code {self.proc.wait()})")
+        out_dir.mkdir(parents=True)
+        self.log = open(out_dir / "baseline.log", "w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        for line in self.proc.stdout:  # whatever a library prints while loading comes before "ready"
+            if line.strip() == "ready":
+                break
+        else:
+            self.log.seek(0)
+            raise RuntimeError(f"the baseline process did not start (exit code {self.proc.wait()}):\n"
+                               + self.log.read()[-3000:])
 
     def run(self) -> float:
         self.proc.stdin.write("go\n")
@@ -83,6 +89,7 @@ class InProcess:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+        self.log.close()
 
 
 def end_to_end(stack: Stack, body: dict) -> tuple[float, dict]:
