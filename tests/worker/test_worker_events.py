@@ -134,15 +134,23 @@ def test_jobrun_stops_when_another_worker_owns_the_job(store, monkeypatch):
     assert e.value.reason == "lost"
 
 
-def test_jobrun_batches_fast_steps(store, monkeypatch):
-    sent = []
+def _record_sends(monkeypatch, *, fail_first: bool = False) -> list[int]:
+    """Patch EventChannel.send to note each batch's size (and to fail the first with a ConnectionError)."""
+    sizes: list[int] = []
     real_send = EventChannel.send
 
-    def counting_send(self, events, extra=()):
-        sent.append(len(events))
+    def send(self, events, extra=()):
+        sizes.append(len(events))
+        if fail_first and len(sizes) == 1:
+            raise redis.ConnectionError("Redis went away")
         return real_send(self, events, extra)
 
-    monkeypatch.setattr(EventChannel, "send", counting_send)
+    monkeypatch.setattr(EventChannel, "send", send)
+    return sizes
+
+
+def test_jobrun_batches_fast_steps(store, monkeypatch):
+    sent = _record_sends(monkeypatch)
     monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 3600.0)
     job_id = _running(store)
     with _run(store, job_id) as run:
@@ -154,16 +162,7 @@ def test_jobrun_batches_fast_steps(store, monkeypatch):
 
 
 def test_jobrun_keeps_events_it_could_not_send_and_sends_them_later(store, monkeypatch):
-    real_send = EventChannel.send
-    calls = []
-
-    def failing_once(self, events, extra=()):
-        calls.append(len(events))
-        if len(calls) == 1:
-            raise redis.ConnectionError("Redis went away")
-        return real_send(self, events, extra)
-
-    monkeypatch.setattr(EventChannel, "send", failing_once)
+    calls = _record_sends(monkeypatch, fail_first=True)
     monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 0.0)
     job_id = _running(store)
     with _run(store, job_id) as run:
