@@ -48,7 +48,8 @@ def events_key(job_id: str) -> str:
 def blocking_client(url: str, *, asyncio: bool = False):
     """A client for blocking reads (BLPOP on `done`, XREAD BLOCK on events) that may wait longer than redis-py's
     default 5 s socket timeout; dead peers are still noticed through TCP keepalive and a health check."""
-    options = dict(decode_responses=True, socket_timeout=None, socket_keepalive=True, health_check_interval=30)
+    options = dict(decode_responses=True, socket_timeout=None, socket_connect_timeout=5, socket_keepalive=True,
+                   health_check_interval=30)
     if asyncio:
         from redis import asyncio as aioredis
 
