@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -80,7 +79,9 @@ class Supervisor:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.children: list[tuple[str, subprocess.Popen]] = []
-        self.stopping = threading.Event()
+        # Set by the signal handler, so a plain flag: a handler that took a lock (Event.set) deadlocks when a
+        # second signal (a double Ctrl-C) lands while the first handler holds it.
+        self.stop_requested = False
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
@@ -95,7 +96,7 @@ class Supervisor:
 
     def wait_for(self, check, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self.stopping.is_set():
+        while not self.stop_requested:
             if (dead := self.dead_child()) is not None:
                 raise RuntimeError(f"{dead} while waiting for {what}")
             try:
@@ -105,7 +106,7 @@ class Supervisor:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-            self.stopping.wait(0.2)
+            time.sleep(0.2)  # a signal cuts it short
 
     def stop_all(self) -> None:
         for name, proc in reversed(self.children):  # API, workers, then Redis
@@ -175,7 +176,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     sup = Supervisor(args)
 
     def on_signal(signum, _frame):
-        sup.stopping.set()
+        sup.stop_requested = True
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     data_dir = args.data_dir.resolve()
@@ -203,11 +204,12 @@ def serve_main(argv: list[str] | None = None) -> int:
         _log(f"data  {data_dir}")
         _log(f"waiting for {args.workers} worker(s) to load the model ...")
         sup.wait_for(lambda: _workers_ready(redis_url, args.queues), "the workers to load the model", 900)
-        if not sup.stopping.is_set():
+        if not sup.stop_requested:
             _log(f"ready: {base}  (Ctrl-C stops everything)")
-        while not sup.stopping.wait(0.5):
+        while not sup.stop_requested:
             if (dead := sup.dead_child()) is not None:
                 raise RuntimeError(dead)
+            time.sleep(0.2)
         return 0
     except RuntimeError as e:
         _log(f"error: {e}")

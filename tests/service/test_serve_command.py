@@ -28,7 +28,19 @@ def _processes_with_env(key: str, value: str) -> list[int]:
     return found
 
 
-def test_serve_starts_everything_generates_and_ctrl_c_stops_all(tmp_path):
+def _processes_working_in(folder: str) -> list[int]:
+    """pids whose working directory is in `folder` (redis-server chdirs to its --dir and rewrites its cmdline)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").startswith(folder):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_serve_starts_everything_generates_and_repeated_ctrl_c_stops_all(tmp_path):
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINIDALLE_")}  # no MINIDALLE_REDIS_URL
     env.update(MINIDALLE_TORCH_THREADS="1", PYTHONUNBUFFERED="1")
@@ -62,7 +74,8 @@ def test_serve_starts_everything_generates_and_ctrl_c_stops_all(tmp_path):
         children = _processes_with_env("MINIDALLE_DATA_DIR", str(data.resolve()))
         assert len(children) >= 2  # the worker and the API (redis gets no MINIDALLE_DATA_DIR)
 
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        for _ in range(2000):  # Ctrl-C pressed again and again (and faster): the handler must not deadlock
+            proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, "\n".join(lines)
         reader.join(timeout=5)
         assert lines[-1] == "[minidalle serve] stopped"
@@ -74,7 +87,9 @@ def test_serve_starts_everything_generates_and_ctrl_c_stops_all(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        for pid in _processes_with_env("MINIDALLE_DATA_DIR", str(data.resolve())):
+        leftovers = set(_processes_with_env("MINIDALLE_DATA_DIR", str(data.resolve())))
+        leftovers |= set(_processes_working_in(str(data.resolve())))  # the embedded redis-server
+        for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
 
 
