@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import sys
-import threading
 from pathlib import Path
 
 PROG = "minidalle"
@@ -235,10 +234,24 @@ def _load_adapters(pipe, adapters: list[tuple[Path, float]]) -> list[tuple[str, 
     return active
 
 
+class _Flag:
+    """`threading.Event`'s is_set/set without its lock: a signal handler may set it (Event.set takes a lock, and a
+    second signal handled while the first handler holds it deadlocks)."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 @contextlib.contextmanager
 def _ctrl_c_cancels():
     """The first Ctrl-C asks for a clean stop (checkpoint, then exit); a second one interrupts at once."""
-    stop = threading.Event()
+    stop = _Flag()
 
     def handler(signum, frame):
         if stop.is_set():
