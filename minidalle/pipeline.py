@@ -27,7 +27,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from minidalle.adapters import check_adapter_name, load_adapter_files
 from minidalle.embedded import default_model
 from minidalle.prior import Prior
-from minidalle.schedulers import SCHEDULERS, check_scheduler_name, make_scheduler
+from minidalle.schedulers import SCHEDULERS, check_scheduler_name, make_scheduler, min_inference_steps
 
 log = logging.getLogger(__name__)
 
@@ -335,13 +335,22 @@ class MiniDallePipeline:
             raise ValueError(f"num_images_per_prompt: must be a positive integer, got {num_images_per_prompt!r}")
         if scheduler is not None:
             check_scheduler_name(scheduler)
+        fewest = min_inference_steps(self._scheduler_for(scheduler))
+        if num_inference_steps < fewest:
+            raise ValueError(f"num_inference_steps: the {scheduler or _scheduler_name(self.scheduler)} scheduler "
+                             f"of this model needs at least {fewest}, got {num_inference_steps}")
         if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ValueError(f"seed: must be an integer in [0, 2^63), got {seed!r}")
+        seen = set()
         for item in adapters:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], (int, float))):
                 raise ValueError(f"adapters: each entry must be (name or folder, scale), got {item!r}")
-            if not -10 <= float(item[1]) <= 10:
+            if not -10 <= float(item[1]) <= 10:  # also False for NaN
                 raise ValueError(f"adapters: scale for {item[0]!r} must be in [-10, 10], got {item[1]!r}")
+            key = str(item[0])
+            if key in seen:
+                raise ValueError(f"adapters: {key!r} is listed twice; give it once, with the scale you want")
+            seen.add(key)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None,

@@ -45,6 +45,14 @@ def check_scheduler_name(name: str) -> None:
         raise ValueError(f"scheduler: unknown scheduler {name!r}; choose one of {', '.join(scheduler_names())}")
 
 
+def min_inference_steps(scheduler) -> int:
+    """Fewest denoising steps a scheduler can run: PNDM with its Runge-Kutta warm-up (`skip_prk_steps` off, as a
+    DDIM-style config leaves it) needs 4; SD 1.5's own PNDM config skips it, and the others run with 1."""
+    if isinstance(scheduler, PNDMScheduler) and not scheduler.config.get("skip_prk_steps", False):
+        return 4
+    return 1
+
+
 def make_scheduler(name: str, base_config: dict[str, Any]):
     """A fresh scheduler of kind `name` configured like the model's own (betas, prediction type, timesteps)."""
     check_scheduler_name(name)

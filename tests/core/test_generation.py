@@ -29,6 +29,12 @@ GOOD = dict(num_inference_steps=2, seed=0)
     (dict(prompt="x", seed="7"), "seed"),
     (dict(prompt="x", adapters=[("a",)]), "adapters"),
     (dict(prompt="x", adapters=[("a", 99.0)]), "adapters"),
+    (dict(prompt="x", adapters=[("a", float("nan"))]), "adapters"),
+    (dict(prompt="x", adapters=[("a", 1.0), ("a", 0.5)]), "adapters"),  # one adapter, two scales: which?
+    (dict(prompt="x", guidance_scale=float("nan")), "guidance_scale"),
+    # PNDM from a DDIM-style config keeps its Runge-Kutta warm-up: 1-3 steps used to fail inside diffusers
+    (dict(prompt="x", scheduler="pndm", num_inference_steps=3), "num_inference_steps"),
+    (dict(prompt="x", scheduler="pndm", num_inference_steps=4), None),
 ])
 def test_check_inputs_names_the_field(tiny_pipe, kwargs, field):
     kwargs = dict(kwargs)
