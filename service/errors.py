@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import redis
 from fastapi import HTTPException, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
@@ -35,3 +37,19 @@ async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("%s %s: Redis unreachable: %s", request.method, request.url.path, exc)
     return JSONResponse({"detail": "the job store (Redis) is unreachable, try again later"},
                         status_code=503, headers={"Retry-After": "5"})
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # 'nan', 'inf': JSON has no such numbers
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def validation_failed(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422 body, except that a NaN or Infinity the client sent is echoed as a string (FastAPI's
+    handler would fail to render it and answer 500)."""
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)

@@ -6,10 +6,11 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
-from service.errors import STORE_DOWN, store_unavailable
+from service.errors import STORE_DOWN, store_unavailable, validation_failed
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.model_info import get_model_info
 from service.routes import datasets, files, finetune, generate, health, jobs
@@ -52,6 +53,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
         app.include_router(module.router)
     for exc in STORE_DOWN:
         app.add_exception_handler(exc, store_unavailable)
+    app.add_exception_handler(RequestValidationError, validation_failed)
 
     upload_limit = settings.max_upload_bytes + (1 << 20)  # multipart framing and the other form fields
 

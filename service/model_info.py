@@ -59,6 +59,15 @@ class ModelInfo:
         self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
         # the encoder adds start and end tokens to what the prompt uses
         self.max_prompt_tokens = int(self.tokenizer.model_max_length) - 2
+        # == minidalle.schedulers.min_inference_steps: PNDM with its warm-up (skip_prk_steps off) needs 4 steps
+        sched = _config(model, "scheduler/scheduler_config.json")
+        self.default_scheduler_is_pndm = sched.get("_class_name") == "PNDMScheduler"
+        self.pndm_min_steps = 1 if sched.get("skip_prk_steps", False) else 4
+
+    def min_steps(self, scheduler: str | None) -> int:
+        """Fewest denoising steps `scheduler` (None: the model's own) runs with on this model."""
+        pndm = scheduler == "pndm" or (scheduler is None and self.default_scheduler_is_pndm)
+        return self.pndm_min_steps if pndm else 1
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)

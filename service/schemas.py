@@ -13,7 +13,7 @@ MAX_SEED = 2**62  # the pipeline seeds image i with seed + i; stay far from int6
 
 
 class AdapterRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="An adapter listed by GET /adapters.")
     scale: float = Field(1.0, ge=-10, le=10, description="LoRA strength; 0 disables, 1 is as trained.")
@@ -22,6 +22,7 @@ class AdapterRef(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {"prompt": "a red circle on a blue background", "negative_prompt": "blurry", "num_images": 2,
@@ -36,11 +37,19 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=64)
     num_inference_steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0, le=50)
-    seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="Image i uses seed + i; random when omitted.")
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED, strict=True,
+                             description="Image i uses seed + i; random when omitted.")
     width: int | None = Field(None, ge=8, le=8192, multiple_of=8, description="Default: the model's native size.")
     height: int | None = Field(None, ge=8, le=8192, multiple_of=8, description="Default: the model's native size.")
     scheduler: str | None = Field(None, description="One of: " + ", ".join(SCHEDULER_NAMES) + ".")
     adapters: list[AdapterRef] = Field(default_factory=list, max_length=8)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
 
     @field_validator("scheduler")
     @classmethod
@@ -53,6 +62,7 @@ class GenerateRequest(BaseModel):
 class FinetuneRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {"name": "my-style", "dataset_id": "0f8b5c2e9d7a4b1c8e3f6a5d4c3b2a19", "steps": 500,

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 
 from service.errors import STORE_DOWN
 from worker.celery_app import enqueue
-from worker.jobs import TERMINAL, JobStore, decode_job, done_key, job_key
+from worker.jobs import JobStore, decode_job, done_key, job_key
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,12 @@ def accepted(job_id: str, state: str = "queued", job: dict | None = None) -> dic
 
 
 async def wait_for_end(aredis: aioredis.Redis, job_id: str, timeout_s: float) -> dict | None:
-    """Wait (no polling, no thread held) until the job ends or the timeout; the job if it ended, else None. One
-    blocking pop on the job's `done` list, which the final transition pushes to: no wake-up per progress event."""
+    """Wait (no polling, no thread held) until the job ends or the timeout; then the job as it is (None if its
+    record is gone). One blocking pop on the job's `done` list, which the final transition pushes to: no wake-up
+    per progress event."""
     await aredis.blpop([done_key(job_id)], timeout=timeout_s)
     raw = await aredis.hgetall(job_key(job_id))
-    job = decode_job(raw) if raw else None
-    return job if job is not None and job["state"] in TERMINAL else None
+    return decode_job(raw) if raw else None
 
 
 def enqueue_recorded(store: JobStore, kind: str, job_id: str) -> None:

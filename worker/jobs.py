@@ -106,6 +106,7 @@ if state == 'running' then
   end
   return 'requested'
 end
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
 """
     + _FINISH_BODY
     + "return 'cancelled'"

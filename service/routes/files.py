@@ -85,10 +85,10 @@ def get_adapter(name: str, settings: SettingsDep) -> dict:
                        404: {"description": "Unknown adapter or file."}})
 def download_adapter(name: str, settings: SettingsDep,
                      file: str | None = Query(None, description="One file instead of the zip: "
-                                              + ", ".join(ADAPTER_FILES))):
+                                              + ", ".join(ADAPTER_FILES) + " (empty: the zip)")):
     """The adapter as a zip (adapter.safetensors, pytorch_lora_weights.safetensors, adapter.json), or one file."""
     path = _adapter_dir(settings, name)
-    if file is not None:
+    if file:  # `?file=` with no value: the zip, as without it
         if file not in ADAPTER_FILES or not (path / file).is_file():
             raise not_found(f"file: {file!r} is not a file of adapter {name!r}")
         return FileResponse(path / file, filename=f"{name}-{file}")

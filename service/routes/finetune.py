@@ -57,6 +57,8 @@ async def finetune(request: Request, settings: SettingsDep, store: StoreDep, mod
         req = _validate(fields)
         if upload is None and req.dataset_id is None:
             raise invalid("file", "upload the dataset zip as 'file' or give a dataset_id")
+        if upload is not None and req.dataset_id is not None:
+            raise invalid("dataset_id", "give either a dataset_id or the zip as 'file', not both")
     else:
         try:
             body = await request.json()

@@ -13,6 +13,7 @@ from service.deps import AsyncRedisDep, ModelInfoDep, SettingsDep, StoreDep
 from service.errors import STORE_DOWN, invalid, not_found
 from service.schemas import GenerateRequest, JobAccepted
 from service.views import accepted, enqueue_recorded, wait_for_end
+from worker.jobs import TERMINAL
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["generate"])
@@ -35,9 +36,9 @@ async def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep,
     except STORE_DOWN:  # the job exists: say so (202), a retry would make a second one
         log.warning("job %s: waiting for it failed; answering 202", job_id, exc_info=True)
         job = None
-    if job is not None:
+    if job is not None and job["state"] in TERMINAL:
         return JSONResponse(accepted(job_id, job["state"], job), status_code=200)
-    return accepted(job_id)
+    return accepted(job_id, job["state"] if job else "queued")  # the state as it is now, e.g. running
 
 
 def _submit(req: GenerateRequest, settings, store, model) -> str:
@@ -60,6 +61,14 @@ def check_generate(req: GenerateRequest, settings, model) -> None:
         raise invalid("width", f"at most {settings.max_width}", req.width)
     if req.height is not None and req.height > settings.max_height:
         raise invalid("height", f"at most {settings.max_height}", req.height)
+    if req.num_inference_steps < (fewest := model.min_steps(req.scheduler)):
+        raise invalid("num_inference_steps", f"the {req.scheduler or 'default'} scheduler of this model needs at "
+                      f"least {fewest}", req.num_inference_steps)
+    names = [ref.name for ref in req.adapters]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise invalid(f"adapters.{i}.name", f"{name!r} is listed twice; give it once, with the scale you want",
+                          name)
     width, height = req.width or model.default_size, req.height or model.default_size
     cost = width * height * req.num_inference_steps * req.num_images
     if cost > settings.max_cost:

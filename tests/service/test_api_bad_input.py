@@ -41,10 +41,32 @@ def _assert_422(r, field: str, *words: str) -> str:
     ("height", 512, ["height: at most 256"]),
     ("scheduler", "nope", ["unknown scheduler 'nope'", "dpmpp_2m"]),
     ("prompt", "", ["at least 1 character"]),
+    ("prompt", "   ", ["must not be blank"]),
+    ("seed", True, ["valid integer"]),
+    ("num_inference_steps", 3, ["pndm scheduler of this model needs at least 4"]),
     ("unknown_field", 1, ["Extra inputs are not permitted"]),
 ])
 def test_generate_field_out_of_range(stack, field, value, words):
-    _assert_422(stack.http.post("/generate", json={**GOOD, field: value}), field, *words)
+    body = {**GOOD, field: value}
+    if "pndm" in words[0]:
+        body["scheduler"] = "pndm"
+    _assert_422(stack.http.post("/generate", json=body), field, *words)
+
+
+@pytest.mark.parametrize("raw,field", [
+    (b'{"prompt": "x", "guidance_scale": NaN}', "guidance_scale"),
+    (b'{"prompt": "x", "adapters": [{"name": "a", "scale": Infinity}]}', "scale"),
+])
+def test_non_finite_numbers_are_a_422_not_a_500(stack, raw, field):
+    """Python's JSON parser accepts NaN/Infinity; the answer must still render (JSON has no such numbers)."""
+    r = stack.http.post("/generate", content=raw, headers={"content-type": "application/json"})
+    _assert_422(r, field, "finite number")
+    assert "NaN" in r.text or "Infinity" in r.text or "nan" in r.text or "inf" in r.text
+
+
+def test_generate_same_adapter_twice(stack):
+    body = {**GOOD, "adapters": [{"name": "a1", "scale": 1}, {"name": "a1", "scale": 0.5}]}
+    _assert_422(stack.http.post("/generate", json=body), "adapters", "listed twice")
 
 
 def test_generate_prompt_over_token_limit_says_how_many(stack):
@@ -117,6 +139,12 @@ def test_finetune_field_errors(stack):
     _assert_422(r, "steps", "valid integer")
     r = stack.http.post("/finetune", data={"name": "mp", "steps": "2"})
     assert r.status_code == 422
+    r = stack.http.post("/finetune", content=b'{"name": "nan-lr", "dataset_id": "%s", "learning_rate": NaN}'
+                        % ds.json()["dataset_id"].encode(), headers={"content-type": "application/json"})
+    _assert_422(r, "learning_rate", "finite number")
+    r = stack.http.post("/finetune", data={"name": "mp", "steps": "2", "dataset_id": ds.json()["dataset_id"]},
+                        files={"file": ("d.zip", shapes_dataset_zip(2), "application/zip")})
+    _assert_422(r, "dataset_id", "not both")
 
 
 def test_upload_rejections_name_the_member(stack):

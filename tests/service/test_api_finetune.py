@@ -68,6 +68,7 @@ def test_finetune_publishes_adapter_that_changes_generation(stack):
     with zipfile.ZipFile(io.BytesIO(zipped.content)) as zf:
         assert sorted(zf.namelist()) == ["shapes-a/adapter.json", "shapes-a/adapter.safetensors",
                                          "shapes-a/pytorch_lora_weights.safetensors"]
+    assert stack.http.get("/adapters/shapes-a/download?file=").content == zipped.content  # empty: the zip
     one = stack.http.get("/adapters/shapes-a/download", params={"file": "pytorch_lora_weights.safetensors"})
     assert one.status_code == 200 and len(one.content) > 100
 

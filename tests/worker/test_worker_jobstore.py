@@ -51,6 +51,7 @@ def test_cancel_queued_vs_running_vs_finished(store):
     queued = store.create("generate", {})
     assert store.cancel(queued) == "cancelled"
     assert store.get(queued)["state"] == "cancelled"
+    assert store.get(queued)["cancel_requested"] is True  # as for a running job that was cancelled
     assert store.claim(queued, "w1", stale_after_s=30, max_attempts=3).outcome == "finished"
 
     running = store.create("finetune", {"name": "a"})
@@ -129,7 +130,7 @@ def test_waiting_longer_than_the_default_socket_timeout(client):
             await aredis.aclose()
 
     t0 = time.monotonic()
-    assert asyncio.run(wait(6)) is None  # still queued: no answer, and no TimeoutError either
+    assert asyncio.run(wait(6))["state"] == "queued"  # still queued: no answer, and no TimeoutError either
     assert time.monotonic() - t0 >= 5.9
     store.cancel(job_id)  # a queued job ends at once: the waiter gets it
     assert asyncio.run(wait(6))["state"] == "cancelled"
