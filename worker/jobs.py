@@ -134,6 +134,18 @@ return {'run', tostring(attempts)}
 """
 )
 
+# KEYS: job, events; ARGV: worker, maxlen, reason. The owner hands a running job back to the queue (its worker is
+# shutting down): queued again, this attempt not counted. 1 if it was still this worker's.
+REQUEUE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'enqueued', '0')
+redis.call('HDEL', KEYS[1], 'worker')
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'type', 'requeued', 'data', cjson.encode({reason = ARGV[3]}))
+return 1
+"""
+
 # KEYS: job; ARGV: worker. 1 while this worker still owns the running job, else 0.
 HEARTBEAT = (
     _NOW
@@ -209,6 +221,7 @@ class JobStore:
         self._cancel = client.register_script(CANCEL)
         self._claim = client.register_script(CLAIM)
         self._heartbeat = client.register_script(HEARTBEAT)
+        self._requeue = client.register_script(REQUEUE)
         self._reconcile = client.register_script(RECONCILE)
         self._release = client.register_script(RELEASE)
 
@@ -320,6 +333,10 @@ class JobStore:
             args=[worker, stale_after_s, max_attempts, self.maxlen],
         )
         return Claim(outcome, detail)
+
+    def requeue(self, job_id: str, worker: str, reason: str) -> bool:
+        """Give a running job back to the queue (not counted as an attempt); the caller enqueues it again."""
+        return bool(self._requeue(keys=[job_key(job_id), events_key(job_id)], args=[worker, self.maxlen, reason]))
 
     def heartbeat(self, job_id: str, worker: str) -> bool:
         return bool(self._heartbeat(keys=[job_key(job_id)], args=[worker]))

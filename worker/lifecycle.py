@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 _state: dict = {"node": f"worker@{os.uname().nodename}", "queues": [], "phase": "starting"}
 _store: JobStore | None = None
 _stop = threading.Event()
+_shutting_down = False  # set from Celery's signal handler, so a plain flag (a lock there can deadlock)
 
 
 def node_name() -> str:
@@ -55,6 +56,19 @@ def _on_worker_init(sender=None, **_):
         get_pipeline(settings)  # before the consumer starts: no task waits on a half-started worker
     _state["phase"] = "ready"
     _publish_presence()
+
+
+@signals.worker_shutting_down.connect
+def _on_worker_shutting_down(**_):
+    """Ctrl-C / SIGTERM reached the worker (Celery sends this from its signal handler): the running job stops at
+    its next step and goes back to the queue (a fine-tune saves a checkpoint first), so the worker exits in a step
+    instead of being killed after its stop timeout, and the job resumes on the next worker."""
+    global _shutting_down
+    _shutting_down = True
+
+
+def shutting_down() -> bool:
+    return _shutting_down
 
 
 @signals.worker_shutdown.connect

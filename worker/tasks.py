@@ -16,7 +16,7 @@ from pathlib import Path
 
 from minidalle import Cancelled
 from worker import janitor, lifecycle
-from worker.celery_app import FINETUNE_TASK, GENERATE_TASK, app
+from worker.celery_app import FINETUNE_TASK, GENERATE_TASK, app, enqueue
 from worker.jobs import EventChannel, JobStore, adapter_url, image_url
 from worker.metrics import StepTimings
 from worker.runtime import activate_adapter, get_pipeline
@@ -145,6 +145,8 @@ class JobRun:
             raise Stop("lost")
         if time.monotonic() > self.deadline:
             raise Stop("time_limit")
+        if lifecycle.shutting_down():
+            raise Stop("shutdown")
 
 
 def _worker_name() -> str:
@@ -174,6 +176,15 @@ def run_job(job_id: str, body: Callable[[JobRun], dict]) -> None:
         if e.reason == "lost":
             log.warning("job %s: another worker took it over; stopping here", job_id)
             return
+        if e.reason == "shutdown":
+            if store.requeue(job_id, worker, "worker shutting down"):
+                log.warning("job %s: worker shutting down; back in the queue", job_id)
+                try:
+                    enqueue(job["kind"], job_id)
+                    store.mark_enqueued(job_id)
+                except Exception:  # noqa: BLE001 - the reconciler enqueues a job that was never enqueued
+                    log.warning("job %s: could not enqueue it again", job_id, exc_info=True)
+            return  # still the job's: its adapter name stays held
         if e.reason == "cancelled":
             store.finish(job_id, "cancelled")
         else:

@@ -99,8 +99,9 @@ def iter_sse(response: httpx.Response):
 
 
 def sse_events(client: httpx.Client, url: str, timeout: float = 60, headers: dict | None = None,
-               on_event=None) -> list:
-    """All events of a job's stream until the server ends it: [(event, id, data dict), ...]."""
+               on_event=None, until=None) -> list:
+    """A job's events until the server ends the stream (or until `until(event)` is true for one):
+    [(event, id, data dict), ...]."""
     out = []
     with client.stream("GET", url, timeout=timeout, headers=headers or {}) as response:
         assert response.status_code == 200, response.read()
@@ -109,6 +110,8 @@ def sse_events(client: httpx.Client, url: str, timeout: float = 60, headers: dic
             out.append((event, eid, json.loads(data) if data else {}))
             if on_event is not None:
                 on_event(out[-1])
+            if until is not None and until(out[-1]):
+                break
     return out
 
 

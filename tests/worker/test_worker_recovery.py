@@ -4,6 +4,7 @@ never enqueued, a job that keeps killing its workers."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -163,6 +164,35 @@ def test_workers_sweep_expired_job_folders(finetune_stack):
     wait_until(lambda: not orphan.exists(), 15, "the janitor removed the expired job folder")
     assert fresh.exists()
     fresh.rmdir()
+
+
+def test_a_worker_told_to_stop_hands_its_finetune_back_and_the_next_one_resumes(finetune_stack):
+    """SIGTERM (Ctrl-C in `minidalle serve`, `docker compose stop`): the running fine-tune checkpoints at its next
+    step and goes back to the queue, not counted as an attempt; the worker exits at once instead of being killed."""
+    s = finetune_stack
+    r = s.http.post("/datasets", files={"file": ("d.zip", shapes_dataset_zip(2), "application/zip")})
+    r = s.http.post("/finetune", json={"name": "handed-back", "dataset_id": r.json()["dataset_id"], "steps": 150,
+                                       "checkpoint_every": 10})
+    job_id = r.json()["job_id"]
+    wait_until(lambda: (s.http.get(f"/jobs/{job_id}").json().get("progress") or {}).get("step", 0) >= 25, 120,
+               "the fine-tune past step 25")
+    worker = s.workers["ft2"]
+    worker.signal(signal.SIGTERM)
+    worker.popen.wait(timeout=30)  # a step, a checkpoint and a warm shutdown: not the 20 s stop timeout + kill
+    job = s.http.get(f"/jobs/{job_id}").json()
+    assert job["state"] == "queued" and job["attempts"] == 0, job
+    events = sse_events(s.http, f"/jobs/{job_id}/events", timeout=5, until=lambda e: e[0] == "requeued")
+    assert events[-1][2] == {"reason": "worker shutting down"}
+    stopped_at = max(e[2]["step"] for e in events if e[0] == "progress")
+    assert list((s.data_dir / "jobs" / job_id / "checkpoints").glob(f"step-{stopped_at:06d}"))  # saved on the way out
+
+    s.add_worker("ft3", "finetune")
+    job = wait_job(s.http, job_id, timeout=180)
+    assert job["state"] == "succeeded" and job["attempts"] == 1, job
+    events = sse_events(s.http, f"/jobs/{job_id}/events", timeout=10)
+    after = [e[2]["step"] for e in events[[e[0] for e in events].index("requeued"):] if e[0] == "progress"]
+    assert after[0] == stopped_at + 1  # resumed from the checkpoint it saved when told to stop
+    s.workers["ft3"].stop()  # the next test wants its own fine-tune worker only
 
 
 def test_time_limit_fails_the_job_and_keeps_the_checkpoint(finetune_stack):
