@@ -15,20 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from minidalle.commands import quiet_libraries
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-def _quiet() -> None:
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-
-
-_quiet()
+quiet_libraries()  # the CLI's own setting: no library notices or weight-loading bars in test output
 # The test machine's cores are shared: with several busy processes, torch's second thread spins and tiny-model
 # generation gets 5-10x slower. One thread is also what the CLI subprocesses get (OMP_NUM_THREADS in run_cli).
 torch.set_num_threads(1)
