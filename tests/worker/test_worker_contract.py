@@ -27,3 +27,12 @@ def test_default_size_and_token_count_match_the_pipeline():
     assert info.max_prompt_tokens == pipe.max_prompt_tokens
     for text in ("a red circle on a blue background", "zebra " * 40, "ünïcødé ✓"):
         assert info.count_tokens(text) == pipe.count_tokens(text)
+
+
+def test_minimum_steps_per_scheduler_match_the_library():
+    from minidalle.schedulers import min_inference_steps
+
+    pipe = minidalle.MiniDallePipeline.from_pretrained(minidalle.DEFAULT_MODEL)
+    info = get_model_info("")
+    for name in [None, *SCHEDULERS]:
+        assert info.min_steps(name) == min_inference_steps(pipe._scheduler_for(name)), name
