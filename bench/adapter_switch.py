@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from minidalle.commands import quiet_libraries
+    from minidalle.cli.commands import quiet_libraries
 
     quiet_libraries()
     from minidalle.pipeline import MiniDallePipeline, resolve_device, resolve_dtype

@@ -43,8 +43,8 @@ def sd15_random_components(device: torch.device, dtype: torch.dtype) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from minidalle.embedded import TINY_WORDS, sd15_scheduler_config
-    from minidalle.tokenizer import build_tokenizer
+    from minidalle.tiny.build import TINY_WORDS, sd15_scheduler_config
+    from minidalle.tiny.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(TINY_WORDS)  # ids stay < 49408; the text encoder's cost does not depend on them
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from minidalle.commands import quiet_libraries
+    from minidalle.cli.commands import quiet_libraries
 
     quiet_libraries()
     mini, stock, device = build(args)

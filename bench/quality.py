@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from minidalle.embedded import MODELS_DIR, TINY_RANDOM
-from minidalle.evaluate import (
+from minidalle.tiny.evaluate import (
     DEFAULT_GUIDANCE,
     DEFAULT_SEEDS,
     DEFAULT_STEPS,

@@ -24,7 +24,7 @@ from PIL import Image
 from minidalle import MiniDallePipeline
 from minidalle.adapters import LoraSettings
 from minidalle.data import load_image, scan_dataset
-from minidalle.trainer import TrainConfig, train
+from minidalle.training import TrainConfig, train
 
 
 def make_dataset(root: Path, n: int, size: int) -> Path:

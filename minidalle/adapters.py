@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -24,39 +23,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minidalle._fs import chmod_like_new
+from minidalle.errors import InvalidInput
+from minidalle.params import FINETUNE, Finetune
 
 ADAPTER_FILE = "adapter.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 META_FILE = "adapter.json"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 FORMAT_VERSION = 1
-
-
-def check_adapter_name(name: str, field_name: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ValueError(f"{field_name}: adapter name {name!r} must be 1-64 characters of letters, digits, '-' "
-                         "or '_', starting with a letter or digit")
-    return name
 
 
 @dataclass
 class LoraSettings:
     """LoRA hyper-parameters; the defaults are the project's (rank 8, alpha 16 ⇒ scale 2, light dropout)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
+    rank: int = Finetune.rank.default
+    alpha: float = Finetune.alpha.default
+    dropout: float = Finetune.dropout.default
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
 
     def check(self) -> None:
-        if not (isinstance(self.rank, int) and 1 <= self.rank <= 512):
-            raise ValueError(f"rank: must be an integer in [1, 512], got {self.rank!r}")
-        if not (0 < float(self.alpha) <= 4096):
-            raise ValueError(f"alpha: must be in (0, 4096], got {self.alpha!r}")
-        if not (0.0 <= float(self.dropout) < 1.0):
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout!r}")
+        for name in ("rank", "alpha", "dropout"):
+            FINETUNE[name].check(getattr(self, name))
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-            raise ValueError(f"target_modules: must be a non-empty list of module names, got {self.target_modules!r}")
+            raise InvalidInput("target_modules", f"must be a non-empty list of module names, got "
+                               f"{self.target_modules!r}")
 
     def peft_config(self):
         from peft import LoraConfig
@@ -87,7 +77,7 @@ def _lora_settings(meta: dict[str, Any], where) -> LoraSettings:
     try:
         settings = LoraSettings(**meta["lora"])
     except TypeError as e:
-        raise ValueError(f"adapter: {where}/{META_FILE} has a bad 'lora' section ({e})") from e
+        raise InvalidInput("adapter", f"{where}/{META_FILE} has a bad 'lora' section ({e})") from e
     settings.check()
     return settings
 
@@ -140,13 +130,13 @@ def save_adapter(out_dir: str | os.PathLike, *, lora: dict[str, torch.Tensor], p
 def read_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(adapter_dir) / META_FILE
     if not path.is_file():
-        raise ValueError(f"adapter: {adapter_dir} is not an adapter folder (no {META_FILE})")
+        raise InvalidInput("adapter", f"{adapter_dir} is not an adapter folder (no {META_FILE})")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"adapter: {path} is not valid JSON ({e})") from e
+        raise InvalidInput("adapter", f"{path} is not valid JSON ({e})") from e
     if not isinstance(meta, dict) or "lora" not in meta:
-        raise ValueError(f"adapter: {path} has no 'lora' section")
+        raise InvalidInput("adapter", f"{path} has no 'lora' section")
     return meta
 
 
@@ -156,15 +146,15 @@ def load_adapter_files(adapter_dir: str | os.PathLike) -> Adapter:
     meta = read_meta(adapter_dir)
     weights = adapter_dir / ADAPTER_FILE
     if not weights.is_file():
-        raise ValueError(f"adapter: {adapter_dir} has no {ADAPTER_FILE}")
+        raise InvalidInput("adapter", f"{adapter_dir} has no {ADAPTER_FILE}")
     try:
         tensors = load_file(weights)
     except Exception as e:  # SafetensorError and friends: a broken upload or a truncated copy
-        raise ValueError(f"adapter: {weights} is not a readable safetensors file ({e})") from e
+        raise InvalidInput("adapter", f"{weights} is not a readable safetensors file ({e})") from e
     lora = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
     prior = {k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")} or None
     stray = [k for k in tensors if not k.startswith(("unet.", "prior."))]
     if stray or not lora:
-        raise ValueError(f"adapter: {weights} has unexpected keys {stray[:3]} or no LoRA weights")
+        raise InvalidInput("adapter", f"{weights} has unexpected keys {stray[:3]} or no LoRA weights")
     _lora_settings(meta, adapter_dir)  # validated here, rebuilt by Adapter.lora_settings
     return Adapter(path=adapter_dir, meta=meta, lora=lora, prior=prior)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from minidalle.errors import InvalidInput
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MAX_FILE_BYTES = 32 * 1024 * 1024  # a single training image above this is almost surely a mistake (or an attack)
 MAX_PIXELS = 40_000_000  # ~ 6300×6300: far above any training resolution, well below a decompression bomb
@@ -29,14 +31,15 @@ class Example:
 
 def scan_dataset(folder: str | os.PathLike, *, max_file_bytes: int = MAX_FILE_BYTES,
                  max_pixels: int = MAX_PIXELS) -> list[Example]:
-    """List and validate (image, caption) pairs. Raises ValueError naming the offending file."""
+    """List and validate (image, caption) pairs. Raises InvalidInput naming the offending file."""
     root = Path(folder)
     if not root.is_dir():
-        raise ValueError(f"dataset_dir: {folder} is not a folder")
+        raise InvalidInput("dataset_dir", f"{folder} is not a folder")
     meta = root / "metadata.jsonl"
     examples = _scan_imagefolder(root, meta) if meta.is_file() else _scan_kohya(root)
     if not examples:
-        raise ValueError(f"dataset_dir: {folder} holds no images (expected metadata.jsonl or img.png + img.txt pairs)")
+        raise InvalidInput("dataset_dir", f"{folder} holds no images (expected metadata.jsonl or img.png + img.txt "
+                           "pairs)")
     for ex in examples:
         _check_image(ex.path, max_file_bytes, max_pixels)
     return examples
@@ -50,15 +53,17 @@ def _scan_imagefolder(root: Path, meta: Path) -> list[Example]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"metadata.jsonl line {lineno}: not JSON ({e.msg})") from e
+            raise InvalidInput("dataset_dir", f"metadata.jsonl line {lineno}: not JSON ({e.msg})") from e
         ok = isinstance(rec, dict) and isinstance(rec.get("file_name"), str) and isinstance(rec.get("text"), str)
         if not ok:
-            raise ValueError(f"metadata.jsonl line {lineno}: needs string fields 'file_name' and 'text'")
+            raise InvalidInput("dataset_dir", f"metadata.jsonl line {lineno}: needs string fields 'file_name' and "
+                               "'text'")
         path = (root / rec["file_name"]).resolve()
         if root.resolve() not in path.parents:
-            raise ValueError(f"metadata.jsonl line {lineno}: file_name {rec['file_name']!r} points outside the dataset")
+            raise InvalidInput("dataset_dir", f"metadata.jsonl line {lineno}: file_name {rec['file_name']!r} points "
+                               "outside the dataset")
         if not path.is_file():
-            raise ValueError(f"{rec['file_name']}: listed in metadata.jsonl line {lineno} but missing")
+            raise InvalidInput("dataset_dir", f"{rec['file_name']}: listed in metadata.jsonl line {lineno} but missing")
         examples.append(Example(path, rec["text"].strip()))
     return examples
 
@@ -68,7 +73,7 @@ def _scan_kohya(root: Path) -> list[Example]:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS):
         cap = path.with_suffix(".txt")
         if not cap.is_file():
-            raise ValueError(f"{path.relative_to(root)}: no caption file {cap.name}")
+            raise InvalidInput("dataset_dir", f"{path.relative_to(root)}: no caption file {cap.name}")
         examples.append(Example(path, cap.read_text(encoding="utf-8").strip()))
     return examples
 
@@ -76,19 +81,19 @@ def _scan_kohya(root: Path) -> list[Example]:
 def _check_image(path: Path, max_file_bytes: int, max_pixels: int) -> None:
     size = path.stat().st_size
     if size > max_file_bytes:
-        raise ValueError(f"{path.name}: {size} bytes, above the {max_file_bytes}-byte limit")
+        raise InvalidInput("dataset_dir", f"{path.name}: {size} bytes, above the {max_file_bytes}-byte limit")
     try:
         with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ValueError(f"{path.name}: {w}x{h} pixels, above the {max_pixels}-pixel limit")
+                raise InvalidInput("dataset_dir", f"{path.name}: {w}x{h} pixels, above the {max_pixels}-pixel limit")
             im.verify()
         with Image.open(path) as im:
             im.load()  # verify() misses truncated pixel data
     except ValueError:
         raise
     except Exception as e:  # PIL raises many types for broken files
-        raise ValueError(f"{path.name}: not a readable image ({type(e).__name__}: {e})") from e
+        raise InvalidInput("dataset_dir", f"{path.name}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def dataset_hash(examples: list[Example]) -> str:

@@ -24,10 +24,13 @@ import torch
 from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from minidalle.adapters import check_adapter_name, load_adapter_files
+from minidalle.adapters import load_adapter_files
+from minidalle.devices import resolve_device, resolve_dtype
 from minidalle.embedded import default_model
+from minidalle.errors import InvalidInput
+from minidalle.params import GENERATE, Generate, check_adapter_name
 from minidalle.prior import Prior
-from minidalle.schedulers import SCHEDULERS, check_scheduler_name, make_scheduler, min_inference_steps
+from minidalle.schedulers import SCHEDULERS, make_scheduler, min_inference_steps
 
 log = logging.getLogger(__name__)
 
@@ -38,33 +41,6 @@ StepCallback = Callable[[int, int], None]  # (step, total); raise minidalle.Canc
 class GenerationOutput:
     images: list  # PIL images
     metadata: list[dict[str, Any]]  # per image: everything needed to reproduce it (seed included)
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: {device!r} is not a device (use cpu, cuda or cuda:N)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device: {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    return dev
-
-
-def resolve_dtype(torch_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if isinstance(torch_dtype, str):
-        names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-        if torch_dtype not in names:
-            raise ValueError(f"torch_dtype: unknown dtype {torch_dtype!r}; use one of {', '.join(names)}")
-        torch_dtype = names[torch_dtype]
-    if torch_dtype is not None:
-        return torch_dtype
-    # half precision on a GPU (the SD 1.5 norm); CPUs have no fast fp16 matmul, so fp32 there
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 class MiniDallePipeline:
@@ -104,7 +80,7 @@ class MiniDallePipeline:
         dtype = resolve_dtype(torch_dtype, dev)
         is_local = os.path.isdir(model)
         if not is_local and os.path.sep in model and not model.count("/") == 1:
-            raise ValueError(f"model: {model!r} is neither a folder nor a hub id")
+            raise InvalidInput("model", f"{model!r} is neither a folder nor a hub id")
         load = dict(torch_dtype=dtype, use_safetensors=True)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -115,7 +91,7 @@ class MiniDallePipeline:
             prior = _load_prior(model, is_local, dtype)
         except OSError as e:  # missing folder/files, unknown hub id, no network, no safetensors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"model: cannot load {model!r}: {first}") from e
+            raise InvalidInput("model", f"cannot load {model!r}: {first}") from e
         pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, unet=unet, vae=vae,
                    scheduler=scheduler, model_id=model, **kwargs)
         return pipe.to(dev)
@@ -240,7 +216,7 @@ class MiniDallePipeline:
             set_peft_model_state_dict(self.unet, lora, adapter_name=name, low_cpu_mem_usage=True)
             left = [n for n, p in self.unet.named_parameters() if p.is_meta]
             if left:
-                raise ValueError(f"adapters: {name!r} lacks LoRA weights for {left[:3]}")
+                raise InvalidInput("adapters", f"{name!r} lacks LoRA weights for {left[:3]}")
         except BaseException:
             self.unet.delete_adapters(name)
             raise
@@ -248,7 +224,7 @@ class MiniDallePipeline:
 
     def unload_adapter(self, name: str) -> None:
         if name not in self._adapters:
-            raise ValueError(f"adapters: {name!r} is not loaded")
+            raise InvalidInput("adapters", f"{name!r} is not loaded")
         self.unet.delete_adapters(name)
         self.prior.delete_adapter(name)
         del self._adapters[name]
@@ -312,44 +288,36 @@ class MiniDallePipeline:
         """Reject bad input before any model work, naming the field."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt: must be a string or a non-empty list of strings")
+            raise InvalidInput("prompt", "must be a string or a non-empty list of strings")
         negs = [] if negative_prompt is None else [negative_prompt] if isinstance(negative_prompt, str) \
             else negative_prompt
         if not isinstance(negs, list) or not all(isinstance(p, str) for p in negs):
-            raise ValueError("negative_prompt: must be a string or a list of strings")
+            raise InvalidInput("negative_prompt", "must be a string or a list of strings")
         if not isinstance(negative_prompt, str) and negs and len(negs) != len(prompts):  # one string fits all
-            raise ValueError(f"negative_prompt: {len(negs)} given for {len(prompts)} prompts")
+            raise InvalidInput("negative_prompt", f"{len(negs)} given for {len(prompts)} prompts")
         for fname, texts in (("prompt", prompts), ("negative_prompt", negs)):
             for text in texts:
                 n = self.count_tokens(text)
                 if n > self.max_prompt_tokens:
-                    raise ValueError(f"{fname}: {n} tokens, the text encoder takes at most {self.max_prompt_tokens}")
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
-            raise ValueError(f"num_inference_steps: must be an integer in [1, 1000], got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not 0 <= guidance_scale <= 50:
-            raise ValueError(f"guidance_scale: must be in [0, 50], got {guidance_scale!r}")
-        for fname, v in (("height", height), ("width", width)):
-            if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
-                raise ValueError(f"{fname}: must be a positive multiple of 8, got {v!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt: must be a positive integer, got {num_images_per_prompt!r}")
-        if scheduler is not None:
-            check_scheduler_name(scheduler)
+                    raise InvalidInput(fname, f"{n} tokens, the text encoder takes at most {self.max_prompt_tokens}")
+        given = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                     width=width, num_images_per_prompt=num_images_per_prompt, seed=seed, scheduler=scheduler)
+        for name, value in given.items():
+            GENERATE[name].check(value)
         fewest = min_inference_steps(self._scheduler_for(scheduler))
         if num_inference_steps < fewest:
-            raise ValueError(f"num_inference_steps: the {scheduler or _scheduler_name(self.scheduler)} scheduler "
-                             f"of this model needs at least {fewest}, got {num_inference_steps}")
-        if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ValueError(f"seed: must be an integer in [0, 2^63), got {seed!r}")
+            raise InvalidInput("num_inference_steps", f"the {scheduler or _scheduler_name(self.scheduler)} "
+                               f"scheduler of this model needs at least {fewest}, got {num_inference_steps}")
+        if len(adapters) > Generate.max_adapters:
+            raise InvalidInput("adapters", f"at most {Generate.max_adapters} at once, got {len(adapters)}")
         seen = set()
-        for item in adapters:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], (int, float))):
-                raise ValueError(f"adapters: each entry must be (name or folder, scale), got {item!r}")
-            if not -10 <= float(item[1]) <= 10:  # also False for NaN
-                raise ValueError(f"adapters: scale for {item[0]!r} must be in [-10, 10], got {item[1]!r}")
+        for i, item in enumerate(adapters):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise InvalidInput("adapters", f"each entry must be (name or folder, scale), got {item!r}")
+            Generate.adapter_scale.check(item[1], f"adapters.{i}.scale")
             key = str(item[0])
             if key in seen:
-                raise ValueError(f"adapters: {key!r} is listed twice; give it once, with the scale you want")
+                raise InvalidInput("adapters", f"{key!r} is listed twice; give it once, with the scale you want")
             seen.add(key)
 
     @torch.no_grad()
@@ -426,10 +394,10 @@ def _check_lora_fits(unet, name: str, lora: dict) -> None:
         module, _, kind = key.rpartition(".lora_")
         target = linears.get(module) or linears.get(f"{module}.base_layer")
         if target is None or t.ndim != 2:
-            raise ValueError(f"adapters: {name!r} has LoRA weights for a module this model lacks: {module!r}")
+            raise InvalidInput("adapters", f"{name!r} has LoRA weights for a module this model lacks: {module!r}")
         want = t.shape[1] == target.in_features if kind.startswith("A") else t.shape[0] == target.out_features
         if not want:
-            raise ValueError(f"adapters: {name!r} does not fit this model ({key}: {tuple(t.shape)} vs "
+            raise InvalidInput("adapters", f"{name!r} does not fit this model ({key}: {tuple(t.shape)} vs "
                              f"{target.in_features}->{target.out_features})")
 
 
@@ -453,7 +421,7 @@ def _load_scheduler(model: str) -> SchedulerMixin:
     config = diffusers.DDIMScheduler.load_config(model, subfolder="scheduler")  # any scheduler class reads it
     cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), None)
     if cls is None or not issubclass(cls, SchedulerMixin):
-        raise ValueError(f"model: unknown scheduler class {config.get('_class_name')!r} in {model}/scheduler")
+        raise InvalidInput("model", f"unknown scheduler class {config.get('_class_name')!r} in {model}/scheduler")
     return cls.from_config(config)
 
 

@@ -22,6 +22,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from minidalle.errors import InvalidInput
+
 
 class PriorMLP(nn.Module):
     """Three linear layers with GELU between them; the last one is zero-initialised."""
@@ -86,7 +88,7 @@ class Prior(ModelMixin, ConfigMixin):
         mlp = self.new_adapter_mlp()
         missing, unexpected = mlp.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
-            raise ValueError(f"adapter {name!r}: prior weights do not match this model's prior "
+            raise InvalidInput("adapters", f"{name!r}: prior weights do not match this model's prior "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         mlp.requires_grad_(False).eval()
         self._adapters[name] = mlp

@@ -5,52 +5,31 @@ from __future__ import annotations
 import minidalle._quiet  # noqa: F401  (first: quiets diffusers' first import)
 from typing import Any
 
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DEISMultistepScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+import diffusers
 
-# name -> (class, extra config); names follow the usual community spellings (A1111 / ComfyUI)
+from minidalle.errors import InvalidInput
+from minidalle.params import SCHEDULER_NAMES
+from minidalle.params import SCHEDULERS as _BY_NAME
+from minidalle.params import min_inference_steps as _min_steps
+
+# name -> (diffusers class, extra config), from the torch-free table in minidalle.params
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "kdpm2": (KDPM2DiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "dpmpp_2s": (DPMSolverSinglestepScheduler, {}),
-    "deis": (DEISMultistepScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
+    name: (getattr(diffusers, cls), extra) for name, (cls, extra) in _BY_NAME.items()
 }
 
 
 def scheduler_names() -> list[str]:
-    return sorted(SCHEDULERS)
+    return list(SCHEDULER_NAMES)
 
 
 def check_scheduler_name(name: str) -> None:
     if name not in SCHEDULERS:
-        raise ValueError(f"scheduler: unknown scheduler {name!r}; choose one of {', '.join(scheduler_names())}")
+        raise InvalidInput("scheduler", f"unknown scheduler {name!r}; choose one of {', '.join(scheduler_names())}")
 
 
 def min_inference_steps(scheduler) -> int:
-    """Fewest denoising steps a scheduler can run: PNDM with its Runge-Kutta warm-up (`skip_prk_steps` off, as a
-    DDIM-style config leaves it) needs 4; SD 1.5's own PNDM config skips it, and the others run with 1."""
-    if isinstance(scheduler, PNDMScheduler) and not scheduler.config.get("skip_prk_steps", False):
-        return 4
-    return 1
+    """Fewest denoising steps this scheduler can run (see `minidalle.params.min_inference_steps`)."""
+    return _min_steps(type(scheduler).__name__, dict(scheduler.config))
 
 
 def make_scheduler(name: str, base_config: dict[str, Any]):

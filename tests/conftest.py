@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidalle.commands import quiet_libraries
+from minidalle.cli.commands import quiet_libraries
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

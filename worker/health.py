@@ -10,7 +10,7 @@ import sys
 
 import redis
 
-from worker import presence
+from jobs import presence
 from worker.settings import get_worker_settings
 
 

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 
-from worker.jobs import JobStore, job_key
+from jobs.store import JobStore, job_key
+from jobs.volume import Volume, is_id, remove_tree
 
 log = logging.getLogger(__name__)
-ID_RE = re.compile(r"^[0-9a-f]{32}$")  # job ids and dataset ids
 LEFTOVER_PREFIXES = (".incoming-", ".deleting-")
 LEFTOVER_AFTER_S = 3600.0
 
@@ -41,13 +40,6 @@ def newest_mtime(path: Path) -> float:
             except FileNotFoundError:
                 pass
     return newest
-
-
-def remove_tree(path: Path) -> None:
-    """Rename aside, then delete: readers see the folder whole or not at all."""
-    doomed = path.with_name(f".deleting-{path.name}-{uuid.uuid4().hex[:8]}")
-    os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -85,12 +77,12 @@ def sweep(store: JobStore, data_dir: Path, *, job_ttl_s: float, dataset_ttl_s: f
             removed["leftovers"].append(f"{d.parent.name}/{d.name}")
 
     def job(d: Path) -> None:
-        if ID_RE.match(d.name) and not store.r.exists(job_key(d.name)) and now - newest_mtime(d) >= job_ttl_s:
+        if is_id(d.name) and not store.r.exists(job_key(d.name)) and now - newest_mtime(d) >= job_ttl_s:
             remove_tree(d)
             removed["jobs"].append(d.name)
 
     def dataset(d: Path) -> None:
-        if not ID_RE.match(d.name) or d.name in in_use or now - d.stat().st_mtime < dataset_ttl_s:
+        if not is_id(d.name) or d.name in in_use or now - d.stat().st_mtime < dataset_ttl_s:
             return  # the folder's mtime: uploaded, or last trained on / submitted for training
         doomed = d.with_name(f".deleting-{d.name}-{uuid.uuid4().hex[:8]}")
         os.rename(d, doomed)
@@ -100,21 +92,14 @@ def sweep(store: JobStore, data_dir: Path, *, job_ttl_s: float, dataset_ttl_s: f
         shutil.rmtree(doomed, ignore_errors=True)
         removed["datasets"].append(d.name)
 
-    each(data_dir / "jobs", leftover)
-    each(data_dir / "datasets", leftover)
-    each(data_dir / "jobs", job)
+    vol = Volume(data_dir)
+    each(vol.jobs, leftover)
+    each(vol.datasets, leftover)
+    each(vol.jobs, job)
     if dataset_ttl_s > 0:
         in_use = datasets_in_use(store)
-        each(data_dir / "datasets", dataset)
+        each(vol.datasets, dataset)
     for kind, names in removed.items():
         if names:
             log.info("janitor: removed %d %s: %s", len(names), kind, ", ".join(names[:20]))
     return removed
-
-
-def mark_used(dataset_dir: Path) -> None:
-    """A fine-tune starts on this dataset: its unused-for clock restarts."""
-    try:
-        os.utime(dataset_dir)
-    except OSError:
-        pass

@@ -14,8 +14,9 @@ import threading
 
 from celery import signals
 
-from worker import janitor, presence
-from worker.jobs import JANITOR_LOCK, RECONCILER_LOCK, JobStore
+from jobs import presence, queue
+from jobs.store import JANITOR_LOCK, RECONCILER_LOCK, JobStore, job_key
+from worker import janitor
 from worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,13 @@ def get_store() -> JobStore:
     if _store is None:
         _store = JobStore.from_settings(get_worker_settings())
     return _store
+
+
+def enqueue(kind: str, job_id: str) -> None:
+    """Send a job's task again (the reconciler, a job handed back at shutdown)."""
+    from worker.celery_app import app
+
+    queue.enqueue(app, kind, job_id)
 
 
 def release_resources(store: JobStore, job: dict | None) -> None:
@@ -92,7 +100,7 @@ def _presence_loop() -> None:
     while not _stop.is_set():
         try:
             _publish_presence()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("could not publish worker presence", exc_info=True)
         _stop.wait(s.heartbeat_interval_s)
 
@@ -102,11 +110,11 @@ def _reconcile_loop() -> None:
     while not _stop.wait(s.reconcile_interval_s):
         try:
             reconcile_once(get_store())
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("reconciler pass failed", exc_info=True)
         try:
             sweep_if_due(get_store())
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("janitor pass failed", exc_info=True)
 
 
@@ -120,8 +128,6 @@ def sweep_if_due(store: JobStore) -> dict[str, list[str]] | None:
 
 def reconcile_once(store: JobStore) -> dict[str, str]:
     """Re-enqueue running jobs whose heartbeat went stale and recorded jobs that were never enqueued."""
-    from worker.celery_app import enqueue
-
     s = get_worker_settings()
     if not store.r.set(RECONCILER_LOCK, node_name(), nx=True, px=int(s.reconcile_interval_s * 900)):
         return {}
@@ -131,7 +137,7 @@ def reconcile_once(store: JobStore) -> dict[str, str]:
                                       enqueue_grace_s=max(10.0, s.heartbeat_interval_s))
         outcomes[job_id] = outcome
         if outcome in ("requeue", "enqueue"):
-            kind = store.r.hget(f"minidalle:job:{job_id}", "kind")
+            kind = store.r.hget(job_key(job_id), "kind")
             log.warning("reconciler: %s job %s (%s)", outcome, job_id, kind)
             enqueue(kind, job_id)
         elif outcome in ("exhausted", "cancel"):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
+from jobs.volume import Volume
+from minidalle.errors import InvalidInput
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,8 @@ def pipeline_loaded() -> bool:
     return _pipe is not None
 
 
-def activate_adapter(pipe, data_dir: Path, name: str) -> str:
+def activate_adapter(pipe, volume: Volume, name: str) -> str:
     """Make adapter `name` resident (LRU-cached by the pipeline; reloaded only when its files changed)."""
-    folder = data_dir / "adapters" / name
-    if not (folder / "adapter.json").is_file():
-        raise ValueError(f"adapters: adapter {name!r} not found")
-    return pipe.load_adapter(folder, name=name)
+    if not volume.adapter_exists(name):
+        raise InvalidInput("adapters", f"adapter {name!r} not found")
+    return pipe.load_adapter(volume.adapter(name), name=name)

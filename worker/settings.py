@@ -1,56 +1,20 @@
-"""Settings of the queue side: what the API and the workers both need, and what only workers need.
-
-Environment variables (`MINIDALLE_*`) are read here and in `service/settings.py`, nowhere else.
-"""
+"""Settings only workers read (device, dtype, caches, periodic duties), on top of the shared ones."""
 
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-class CommonSettings(BaseSettings):
-    """Read by every process kind (api, worker, serve)."""
-
-    model_config = SettingsConfigDict(env_prefix="MINIDALLE_", env_file=".env", extra="ignore")
-
-    # None means "not configured": `minidalle serve` then starts its own redis-server; the others use the default.
-    redis_url: str | None = None
-    data_dir: Path = Path("data")
-    # A local diffusers-layout folder or a hub id; empty = the tiny model embedded in the package.
-    model: str = ""
-    # Finished jobs (record + event stream) expire after this; a week is enough to fetch results.
-    job_ttl_s: int = Field(7 * 24 * 3600, ge=60)
-    # Progress events are one per step; a 20k-step fine-tune must not grow a stream without bound.
-    events_maxlen: int = Field(10_000, ge=100)
-    # A running job refreshes its heartbeat this often; it is stale (worker presumed dead) after stale_after_s.
-    heartbeat_interval_s: float = Field(5.0, gt=0)
-    stale_after_s: float = Field(30.0, gt=0)
-    # A job whose worker died this many times is failed instead of being re-enqueued again.
-    max_attempts: int = Field(3, ge=1)
-    generate_time_limit_s: int = Field(15 * 60, ge=1)
-    finetune_time_limit_s: int = Field(24 * 3600, ge=1)
-
-    @property
-    def broker_url(self) -> str:
-        return self.redis_url or DEFAULT_REDIS_URL
-
-    @property
-    def visibility_timeout_s(self) -> int:
-        # Above the longest time limit, or Redis would hand a still-running fine-tune to a second worker.
-        return max(self.generate_time_limit_s, self.finetune_time_limit_s) + 3600
+from jobs.settings import CommonSettings
+from minidalle.params import DTYPE_ALIASES
 
 
 class WorkerSettings(CommonSettings):
     """Read by `celery -A worker.celery_app worker`."""
 
     device: str | None = None  # None: cuda when available, else cpu
-    torch_dtype: str | None = None  # e.g. "float16"; None: the library's default for the device
+    torch_dtype: str | None = None  # fp16, bf16, fp32 (or float16, ...); None: the library's default for the device
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     adapter_cache_size: int = Field(8, ge=1)  # resident LoRA adapters per worker (LRU)
     preload: bool = True  # build the pipeline when the worker starts, so /readyz means "can serve now"
@@ -59,6 +23,13 @@ class WorkerSettings(CommonSettings):
     # (0: forever). Job folders go when their record has expired (job_ttl_s).
     janitor_interval_s: float = Field(3600.0, gt=0)
     dataset_ttl_s: int = Field(7 * 24 * 3600, ge=0)
+
+    @field_validator("torch_dtype")
+    @classmethod
+    def _known_dtype(cls, v: str | None) -> str | None:  # at start-up, not at the first job
+        if v is not None and v not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPE_ALIASES)}")
+        return v
 
 
 @lru_cache

@@ -4,34 +4,27 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import tempfile
-import uuid
 import zipfile
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from jobs.volume import ADAPTER_FILES, ADAPTER_META, Volume, adapter_links, is_adapter_name, is_id, remove_tree
 from service.deps import SettingsDep
 from service.errors import not_found
-from service.model_info import ADAPTER_NAME_RE
-from service.routes.jobs import JOB_ID_RE
-from service.schemas import AdapterList, AdapterSummary
-from worker.jobs import adapter_url
+from service.schemas import AdapterList
 
 router = APIRouter()
-ADAPTER_FILES = ("adapter.safetensors", "pytorch_lora_weights.safetensors", "adapter.json")
-VALIDATION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.png$")
 
 
 @router.get("/images/{job_id}/{index}.png", tags=["images"], response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}}, 404: {"description": "Unknown job or image."}})
 def get_image(job_id: str, index: int, settings: SettingsDep):
     """A generated image; its generation parameters are in the PNG's `parameters` text chunk."""
-    path = settings.data_dir / "jobs" / job_id / "images" / f"{index}.png"
-    if not JOB_ID_RE.match(job_id) or index < 0 or not path.is_file():
+    path = Volume(settings.data_dir).image(job_id, index) if is_id(job_id) and index >= 0 else None
+    if path is None or not path.is_file():
         raise not_found(f"image {job_id}/{index}.png not found")
     return FileResponse(path, media_type="image/png")
 
@@ -40,35 +33,33 @@ def get_image(job_id: str, index: int, settings: SettingsDep):
             responses={200: {"content": {"image/png": {}}}, 404: {"description": "Unknown job or image."}})
 def get_validation_image(job_id: str, tag: str, filename: str, settings: SettingsDep):
     """A validation image a fine-tune made at a checkpoint (announced by its `validation` events)."""
-    path = settings.data_dir / "jobs" / job_id / "validation" / tag / filename
-    ok = JOB_ID_RE.match(job_id) and VALIDATION_NAME_RE.match(tag + ".png") and VALIDATION_NAME_RE.match(filename)
-    if not ok or not path.is_file():
+    path = Volume(settings.data_dir).validation_image(job_id, tag, filename)
+    if path is None or not path.is_file():
         raise not_found(f"validation image {job_id}/{tag}/{filename} not found")
     return FileResponse(path, media_type="image/png")
 
 
 def _adapter_dir(settings, name: str):
-    path = settings.data_dir / "adapters" / name
-    if not ADAPTER_NAME_RE.match(name) or not (path / "adapter.json").is_file():
+    volume = Volume(settings.data_dir)
+    if not volume.adapter_exists(name):
         raise not_found(f"name: adapter {name!r} not found")
-    return path
+    return volume.adapter(name)
 
 
 def _summary(name: str, meta: dict) -> dict:
-    return {"name": name, "url": adapter_url(name), "download_url": adapter_url(name) + "/download",
-            "created": meta.get("created"), "base_model": meta.get("base_model"),
+    return {**adapter_links(name), "created": meta.get("created"), "base_model": meta.get("base_model"),
             "steps": meta.get("steps") if isinstance(meta.get("steps"), int) else None}
 
 
 @router.get("/adapters", tags=["adapters"], response_model=AdapterList)
 def list_adapters(settings: SettingsDep):
     """Adapters published by finished fine-tunes."""
-    root = settings.data_dir / "adapters"
-    out: list[AdapterSummary] = []
+    root = Volume(settings.data_dir).adapters
+    out: list[dict] = []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if ADAPTER_NAME_RE.match(d.name) and (d / "adapter.json").is_file():
+        if is_adapter_name(d.name) and (d / ADAPTER_META).is_file():
             try:
-                out.append(_summary(d.name, json.loads((d / "adapter.json").read_text())))
+                out.append(_summary(d.name, json.loads((d / ADAPTER_META).read_text())))
             except (OSError, ValueError):
                 continue  # deleted or being replaced while we listed
     return {"adapters": out}
@@ -77,7 +68,7 @@ def list_adapters(settings: SettingsDep):
 @router.get("/adapters/{name}", tags=["adapters"], responses={404: {"description": "Unknown adapter."}})
 def get_adapter(name: str, settings: SettingsDep) -> dict:
     """The adapter's adapter.json: base model, LoRA and training configuration, steps, dataset hash."""
-    return json.loads((_adapter_dir(settings, name) / "adapter.json").read_text())
+    return json.loads((_adapter_dir(settings, name) / ADAPTER_META).read_text())
 
 
 @router.get("/adapters/{name}/download", tags=["adapters"], response_class=FileResponse,
@@ -106,10 +97,8 @@ def download_adapter(name: str, settings: SettingsDep,
 def delete_adapter(name: str, settings: SettingsDep) -> Response:
     """Delete an adapter (it disappears at once: renamed aside, then removed)."""
     path = _adapter_dir(settings, name)
-    trash = path.parent / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
     try:
-        path.rename(trash)
+        remove_tree(path, prefix=".deleted-")
     except FileNotFoundError as e:
         raise not_found(f"name: adapter {name!r} not found") from e
-    shutil.rmtree(trash, ignore_errors=True)
     return Response(status_code=204)

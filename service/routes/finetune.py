@@ -10,27 +10,23 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from service.deps import ModelInfoDep, SettingsDep, StoreDep
+from jobs import volume
+from jobs.volume import Volume
+from service.deps import ModelInfoDep, QueueDep, SettingsDep, StoreDep
 from service.errors import conflict, invalid
 from service.routes.datasets import UPLOAD_RESPONSES, dataset_path, ingest
 from service.schemas import FinetuneRequest, JobAccepted
 from service.views import accepted, enqueue_recorded
-from worker import janitor
 
 router = APIRouter(tags=["finetune"])
 
 # the body is parsed by hand (JSON or multipart), so FastAPI doesn't register the model: inline its schema
 _SCHEMA_REF = FinetuneRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-_MULTIPART = {
+_MULTIPART = {  # the same fields as the JSON body (derived from it), plus the zip itself
     "type": "object",
     "required": ["name", "file"],
     "properties": {"file": {"type": "string", "format": "binary", "description": "The dataset zip."},
-                   "name": {"type": "string"}, "steps": {"type": "integer"}, "learning_rate": {"type": "number"},
-                   "rank": {"type": "integer"}, "alpha": {"type": "number"}, "dropout": {"type": "number"},
-                   "batch_size": {"type": "integer"}, "grad_accum": {"type": "integer"},
-                   "resolution": {"type": "integer"}, "train_prior": {"type": "boolean"},
-                   "validation_prompts": {"type": "array", "items": {"type": "string"}},
-                   "checkpoint_every": {"type": "integer"}, "seed": {"type": "integer"}},
+                   **{k: v for k, v in _SCHEMA_REF["properties"].items() if k != "dataset_id"}},
 }
 OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {"schema": _SCHEMA_REF},
                                                          "multipart/form-data": {"schema": _MULTIPART}}}}
@@ -39,7 +35,7 @@ OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {"s
 @router.post("/finetune", status_code=202, response_model=JobAccepted, openapi_extra=OPENAPI,
              responses={**UPLOAD_RESPONSES, 404: {"description": "Unknown dataset_id."},
                         409: {"description": "Adapter name taken."}})
-async def finetune(request: Request, settings: SettingsDep, store: StoreDep, model: ModelInfoDep):
+async def finetune(request: Request, settings: SettingsDep, store: StoreDep, queue: QueueDep, model: ModelInfoDep):
     """Queue a LoRA (+ prior) fine-tune that publishes adapter `name` when it succeeds."""
     upload = None
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -69,10 +65,12 @@ async def finetune(request: Request, settings: SettingsDep, store: StoreDep, mod
             raise invalid("dataset_id", "required (or post multipart/form-data with the zip as 'file')")
     _check_caps(req, settings, model)
     if upload is None:
+        assert req.dataset_id is not None  # checked above
         dataset_path(settings, req.dataset_id)  # 404 when unknown
-        return await run_in_threadpool(_submit, req, settings, store)
+        return await run_in_threadpool(_submit, req, settings, store, queue)
     ds = await ingest(upload, settings)  # a bad zip is rejected before any job exists
-    return await run_in_threadpool(_submit, req.model_copy(update={"dataset_id": ds.dataset_id}), settings, store)
+    return await run_in_threadpool(_submit, req.model_copy(update={"dataset_id": ds.dataset_id}), settings, store,
+                                   queue)
 
 
 def _validate(data) -> FinetuneRequest:
@@ -85,8 +83,12 @@ def _validate(data) -> FinetuneRequest:
 def _check_caps(req: FinetuneRequest, settings, model) -> None:
     if req.steps > settings.max_train_steps:
         raise invalid("steps", f"at most {settings.max_train_steps}", req.steps)
+    if req.batch_size > settings.max_train_batch_size:
+        raise invalid("batch_size", f"at most {settings.max_train_batch_size}", req.batch_size)
     if req.resolution is not None and req.resolution > settings.max_train_resolution:
         raise invalid("resolution", f"at most {settings.max_train_resolution}", req.resolution)
+    if req.lr_warmup_steps > req.steps:
+        raise invalid("lr_warmup_steps", f"at most steps ({req.steps})", req.lr_warmup_steps)
     if req.checkpoint_every is not None and req.checkpoint_every > req.steps:
         raise invalid("checkpoint_every", f"at most steps ({req.steps})", req.checkpoint_every)
     for i, text in enumerate(req.validation_prompts):
@@ -94,20 +96,20 @@ def _check_caps(req: FinetuneRequest, settings, model) -> None:
         if n > model.max_prompt_tokens:
             raise invalid(f"validation_prompts.{i}", f"{n} tokens; the text encoder takes at most "
                           f"{model.max_prompt_tokens}", n)
-    if (settings.data_dir / "adapters" / req.name).exists():
+    if Volume(settings.data_dir).adapter_taken(req.name):
         raise conflict(f"name: adapter {req.name!r} already exists")
 
 
-def _submit(req: FinetuneRequest, settings, store):
-    from worker.jobs import new_job_id
-
-    job_id = new_job_id()
+def _submit(req: FinetuneRequest, settings, store, queue):
+    assert req.dataset_id is not None  # given, or set from the upload
+    vol = Volume(settings.data_dir)
+    job_id = volume.new_id()
     if not store.reserve_adapter_name(req.name, job_id):
         raise conflict(f"name: adapter {req.name!r} is being trained by another job")
-    if (settings.data_dir / "adapters" / req.name).exists():  # published between the check and the hold
+    if vol.adapter_taken(req.name):  # published between the check and the hold
         store.release_adapter_name(req.name, job_id)
         raise conflict(f"name: adapter {req.name!r} already exists")
-    janitor.mark_used(settings.data_dir / "datasets" / req.dataset_id)  # not swept while this job waits
+    volume.mark_used(vol.dataset(req.dataset_id))  # not swept while this job waits
     store.create("finetune", req.model_dump(), job_id=job_id)
-    enqueue_recorded(store, "finetune", job_id)
+    enqueue_recorded(store, queue, "finetune", job_id)
     return accepted(job_id)

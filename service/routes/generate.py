@@ -9,11 +9,12 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service.deps import AsyncRedisDep, ModelInfoDep, SettingsDep, StoreDep
+from jobs.store import TERMINAL
+from jobs.volume import Volume
+from service.deps import AsyncRedisDep, ModelInfoDep, QueueDep, SettingsDep, StoreDep
 from service.errors import STORE_DOWN, invalid, not_found
 from service.schemas import GenerateRequest, JobAccepted
 from service.views import accepted, enqueue_recorded, wait_for_end
-from worker.jobs import TERMINAL
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["generate"])
@@ -23,13 +24,14 @@ router = APIRouter(tags=["generate"])
              responses={200: {"model": JobAccepted, "description": "Finished within `wait` seconds."},
                         404: {"description": "An adapter named in `adapters` does not exist."},
                         422: {"description": "Invalid field (the message names it)."}})
-async def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep, aredis: AsyncRedisDep,
-                   model: ModelInfoDep,
+async def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep, queue: QueueDep,
+                   aredis: AsyncRedisDep, model: ModelInfoDep,
                    wait: float = Query(0, ge=0, description="Seconds to wait for the images before answering 202.")):
     """Queue a text-to-image job; 202 with its links, or 200 with the finished job when it ends within `wait`."""
     if wait > settings.max_wait_s:
         raise invalid("wait", f"at most {settings.max_wait_s} seconds", wait, where="query")
-    job_id = await run_in_threadpool(_submit, req, settings, store, model)  # tokenizer and blocking I/O: a thread
+    # tokenizer and blocking I/O: a thread
+    job_id = await run_in_threadpool(_submit, req, settings, store, queue, model)
     # the wait holds no thread: a thousand waiting clients must not starve the threadpool the other routes use
     try:
         job = await wait_for_end(aredis, job_id, wait) if wait else None
@@ -41,13 +43,13 @@ async def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep,
     return accepted(job_id, job["state"] if job else "queued")  # the state as it is now, e.g. running
 
 
-def _submit(req: GenerateRequest, settings, store, model) -> str:
+def _submit(req: GenerateRequest, settings, store, queue, model) -> str:
     check_generate(req, settings, model)
     request = req.model_dump()
     if request["seed"] is None:  # chosen here so a re-delivered job makes the same images
         request["seed"] = secrets.randbelow(2**31)
     job_id = store.create("generate", request)  # the record first, then the queue
-    enqueue_recorded(store, "generate", job_id)
+    enqueue_recorded(store, queue, "generate", job_id)
     return job_id
 
 
@@ -80,6 +82,7 @@ def check_generate(req: GenerateRequest, settings, model) -> None:
             n = model.count_tokens(text)
             if n > model.max_prompt_tokens:
                 raise invalid(name, f"{n} tokens; the text encoder takes at most {model.max_prompt_tokens}", n)
+    volume = Volume(settings.data_dir)
     for i, ref in enumerate(req.adapters):
-        if not (settings.data_dir / "adapters" / ref.name / "adapter.json").is_file():
+        if not volume.adapter_exists(ref.name):
             raise not_found(f"adapters.{i}.name: adapter {ref.name!r} not found")

@@ -8,11 +8,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from jobs import presence
+from jobs.metrics import read_histogram
+from jobs.queue import QUEUES, queue_depth
+from jobs.store import JobStore
 from service.deps import StoreDep
-from worker import presence
-from worker.celery_app import QUEUES
-from worker.jobs import JobStore
-from worker.metrics import read_histogram
 
 router = APIRouter(tags=["health"])
 
@@ -59,9 +59,7 @@ class QueueCollector(Collector):
         yield jobs
         depth = GaugeMetricFamily("minidalle_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
         for q in QUEUES:
-            # kombu's Redis transport keeps priority levels in sibling lists: "q", "q\x06\x163", …
-            keys = [q] + [f"{q}\x06\x16{p}" for p in (3, 6, 9)]
-            depth.add_metric([q], sum(r.llen(k) for k in keys))
+            depth.add_metric([q], queue_depth(r, q))
         yield depth
         workers = GaugeMetricFamily("minidalle_workers_ready", "Workers with the model loaded, by queue",
                                     labels=["queue"])

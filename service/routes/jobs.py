@@ -10,20 +10,20 @@ from fastapi import APIRouter, Header, Query
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
-from service.deps import AsyncRedisDep, SettingsDep, StoreDep
+from jobs.queue import revoke
+from jobs.store import TERMINAL, JobStore, events_key, job_key
+from jobs.volume import is_id
+from service.deps import AsyncRedisDep, QueueDep, SettingsDep, StoreDep
 from service.errors import conflict, not_found
 from service.schemas import CancelResult, Job, JobList
 from service.views import public_job
-from worker.celery_app import app as celery_app
-from worker.jobs import TERMINAL, JobStore, events_key, job_key
 
 router = APIRouter(tags=["jobs"])
-JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 STREAM_ID_RE = re.compile(r"^\d+-\d+$")
 
 
 def _get(store: JobStore, job_id: str) -> dict:
-    job = store.get(job_id) if JOB_ID_RE.match(job_id) else None
+    job = store.get(job_id) if is_id(job_id) else None
     if job is None:
         raise not_found(f"job_id: job {job_id!r} not found")
     return job
@@ -34,7 +34,7 @@ def list_jobs(store: StoreDep, kind: Literal["generate", "finetune"] | None = No
               state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
               limit: int = Query(50, ge=1, le=500)):
     """Jobs, newest first, optionally filtered by kind and state."""
-    return {"jobs": [public_job(j) for j in store.list(kind=kind, state=state, limit=limit)]}
+    return {"jobs": [public_job(j) for j in store.list_jobs(kind=kind, state=state, limit=limit)]}
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses={404: {"description": "Unknown job."}})
@@ -45,7 +45,7 @@ def get_job(job_id: str, store: StoreDep):
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=CancelResult,
              responses={404: {"description": "Unknown job."}, 409: {"description": "The job already ended."}})
-def cancel_job(job_id: str, store: StoreDep):
+def cancel_job(job_id: str, store: StoreDep, queue: QueueDep):
     """Cancel: a queued job never starts; a running one stops at a step boundary within about 0.1 s or a step (a
     fine-tune keeps its checkpoint)."""
     job = _get(store, job_id)
@@ -53,9 +53,10 @@ def cancel_job(job_id: str, store: StoreDep):
     if outcome == "missing":
         raise not_found(f"job_id: job {job_id!r} not found")
     if outcome == "finished":
-        raise conflict(f"job_id: job {job_id!r} already ended ({store.get(job_id)['state']})")
+        ended = store.get(job_id) or job
+        raise conflict(f"job_id: job {job_id!r} already ended ({ended['state']})")
     if outcome == "cancelled":
-        celery_app.control.revoke(job_id)  # drop the queued message early; the record already says cancelled
+        revoke(queue, job_id)
         if job["kind"] == "finetune":
             store.release_adapter_name(job["request"]["name"], job_id)
         return {"job_id": job_id, "state": "cancelled", "detail": "cancelled before it started"}

@@ -1,4 +1,4 @@
-"""Fixtures shared by tests/service and tests/worker (each conftest star-imports this module)."""
+"""Fixtures shared by tests/jobs, tests/service and tests/worker (each conftest star-imports this module)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import zipfile
 
 import httpx
 import pytest
+import redis
 from PIL import Image
 
-from _support.servers import Stack
+from _support.servers import Stack, start_redis
+from jobs.store import JobStore
 
-__all__ = ["SMALL_CAPS", "stack", "make_zip", "png_bytes", "shapes_dataset_zip", "sse_events", "iter_sse", "wait_job",
+__all__ = ["SMALL_CAPS", "client", "store",
+           "stack", "make_zip", "png_bytes", "shapes_dataset_zip", "sse_events", "iter_sse", "wait_job",
            "_dump_logs_on_failure", "pytest_runtest_makereport"]
 
 _STACKS: list[Stack] = []
@@ -20,6 +23,23 @@ _STACKS: list[Stack] = []
 SMALL_CAPS = {"MINIDALLE_MAX_WIDTH": "256", "MINIDALLE_MAX_HEIGHT": "256", "MINIDALLE_MAX_IMAGES": "4",
               "MINIDALLE_MAX_STEPS": "50", "MINIDALLE_MAX_COST": "1000000", "MINIDALLE_MAX_TRAIN_STEPS": "1000",
               "MINIDALLE_MAX_UPLOAD_BYTES": "300000", "MINIDALLE_MAX_WAIT_S": "60"}
+
+
+@pytest.fixture(scope="session")
+def client(tmp_path_factory):
+    """One real redis-server for the tests that talk to Redis directly (not through the API)."""
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    r = redis.Redis.from_url(url, decode_responses=True)
+    yield r
+    r.close()
+    proc.stop()
+
+
+@pytest.fixture
+def store(client) -> JobStore:
+    """A job store on an emptied database."""
+    client.flushdb()
+    return JobStore(client, ttl_s=120, events_maxlen=1000)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from peft.tuners.lora import LoraLayer
 
 from minidalle.adapters import DIFFUSERS_FILE
-from minidalle.embedded import build_tiny_components
+from minidalle.tiny.build import build_tiny_components
 
 KW = dict(num_inference_steps=3, guidance_scale=5.0, seed=21)
 PROMPT = "a green triangle"

@@ -15,7 +15,7 @@ from diffusers import (
 )
 
 from minidalle import MiniDallePipeline
-from minidalle.embedded import build_tiny_components
+from minidalle.tiny.build import build_tiny_components
 
 # the reference side names diffusers classes directly, not through minidalle.schedulers
 REFERENCE_SCHEDULERS = {

@@ -58,9 +58,10 @@ def test_unknown_hub_id_fails_clearly(tmp_path):
 
 
 def test_embedded_model_is_reproducible_from_its_seed(tmp_path):
-    """The shipped random model is exactly what `python -m minidalle.embedded` builds (the tokenizer too)."""
+    """The shipped random model is exactly what `minidalle build-tiny` builds (the tokenizer too)."""
     out = tmp_path / "rebuilt"
-    subprocess.run([sys.executable, "-m", "minidalle.embedded", "--out", str(out)], check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "minidalle.cli", "build-tiny", "--out", str(out)], check=True,
+                   capture_output=True,
                    timeout=120)
     for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model",
                  "prior/diffusion_pytorch_model"):

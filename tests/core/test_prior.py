@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from minidalle import MiniDallePipeline, Prior
-from minidalle.embedded import build_tiny_components
+from minidalle.tiny.build import build_tiny_components
 
 
 def _perturb(module: nn.Module, seed: int = 0, magnitude: float = 0.5) -> None:

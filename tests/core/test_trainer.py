@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from minidalle.embedded import TINY_RANDOM
 from minidalle.errors import Cancelled
-from minidalle.trainer import TrainConfig, latest_checkpoint, train
+from minidalle.training import TrainConfig, train
+from minidalle.training.checkpoint import latest_checkpoint
 
 
 @pytest.fixture
@@ -177,7 +178,7 @@ def test_bad_dataset_fails_before_training(tmp_path):
 
 def test_v_prediction_targets(dataset, tmp_path, fresh_pipe):
     """A v-prediction scheduler config makes the trainer regress the velocity, not the noise."""
-    from minidalle.trainer import Trainer
+    from minidalle.training.trainer import Trainer
 
     pipe = fresh_pipe()
     pipe.scheduler.register_to_config(prediction_type="v_prediction")
@@ -195,7 +196,7 @@ def test_v_prediction_targets(dataset, tmp_path, fresh_pipe):
 
 def test_adapters_left_active_by_a_request_do_not_shape_training(dataset, tmp_path, fresh_pipe, make_adapter):
     """A served generate with an adapter, then a train_prior=False fine-tune on the same resident pipeline."""
-    from minidalle.trainer import Trainer
+    from minidalle.training.trainer import Trainer
 
     pipe = fresh_pipe()
     pipe("a zorb", num_inference_steps=2, seed=0, adapters=[(str(make_adapter("served")), 1.0)])

@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +46,7 @@ def _check_command(cmd: list[str]) -> None:
         app_module = cmd[cmd.index("-A") + 1]
         mod = importlib.import_module(app_module)
         assert hasattr(mod, "app") or hasattr(mod, "celery"), cmd
-        from worker.celery_app import QUEUES
+        from jobs.queue import QUEUES
 
         assert "worker" in cmd
         assert set(cmd[cmd.index("-Q") + 1].split(",")) <= set(QUEUES), cmd
@@ -111,17 +112,22 @@ def test_dockerfile_cuda_runtime_nonroot_healthcheck_and_sources(dockerfile):
     volumes = dict(dockerfile)["VOLUME"]
     assert "/models" in volumes and "/data" in volumes
     assert "HF_HOME=/models" in dict(dockerfile)["ENV"]
+    copied = set()
     for _, args in [d for d in dockerfile if d[0] == "COPY"]:
         for src in args.split()[:-1]:
+            copied.add(src.rstrip("/"))
             if src != "README.md":  # written by the lead; the build needs it (pyproject's readme)
                 assert (REPO / src).exists(), src
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert {p.rstrip("*") for p in packages["include"]} <= copied  # `pip install .` must see every package
     assert any("pip install ." in a for i, a in dockerfile if i == "RUN")
     _check_command(json.loads(dict(dockerfile)["CMD"]))
 
 
 def test_env_example_lists_every_setting():
+    from jobs.settings import CommonSettings
     from service.settings import ApiSettings, ServeSettings
-    from worker.settings import CommonSettings, WorkerSettings
+    from worker.settings import WorkerSettings
 
     text = (REPO / ".env.example").read_text()
     listed = set(re.findall(r"^#?\s*(MINIDALLE_[A-Z0-9_]+)=", text, flags=re.M))

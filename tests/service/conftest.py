@@ -3,4 +3,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ on the path: `_support`
 
-from _support.fixtures import *  # noqa: E402,F403
+from _support.fixtures import *  # noqa: F403

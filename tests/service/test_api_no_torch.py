@@ -24,7 +24,8 @@ def test_service_main_does_not_import_torch():
 def test_model_info_and_enqueue_side_do_not_import_torch():
     code = ("from service.model_info import get_model_info\n"
             "info = get_model_info('')\nassert info.count_tokens('a red circle') > 0\n"
-            "import worker.celery_app, worker.jobs, worker.presence, worker.metrics, service.serve")
+            "import jobs.queue, jobs.store, jobs.requests, jobs.presence, jobs.metrics, jobs.volume, service.serve\n"
+            "import worker.celery_app")
     modules = _modules_after(code)
-    assert "worker.celery_app" in modules and "transformers" in modules
+    assert "worker.celery_app" in modules and "jobs.requests" in modules and "transformers" in modules
     assert "torch" not in modules

@@ -91,9 +91,9 @@ def test_serve_starts_everything_generates_and_repeated_ctrl_c_stops_all(tmp_pat
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("args,message", [(["--workers", "0"], "--workers: must be at least 1"),
+@pytest.mark.parametrize("args,message", [(["--workers", "0"], "--workers: 0 is not in [1, 64]"),
                                           (["--queues", "generate,render"], "--queues: unknown queue(s) ['render']"),
-                                          (["--port", "70000"], "--port: must be in [0, 65535]")])
+                                          (["--port", "70000"], "--port: 70000 is not in [0, 65535]")])
 def test_serve_rejects_bad_options(args, message):
     r = subprocess.run([sys.executable, "-c", "import sys; from service.serve import serve_main; "
                         "sys.exit(serve_main(sys.argv[1:]))", *args], cwd=REPO, capture_output=True,

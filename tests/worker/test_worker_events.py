@@ -7,9 +7,10 @@ import json
 import pytest
 import redis
 
-from worker import tasks
-from worker.jobs import EventChannel, JobStore, events_key, job_key
-from worker.metrics import step_key
+from jobs.events import EventChannel
+from jobs.metrics import step_key
+from jobs.store import JobStore, events_key, job_key
+from worker import run as worker_run
 from worker.settings import WorkerSettings
 
 
@@ -78,9 +79,9 @@ def test_channel_reconnects_after_its_connection_is_killed(store):
     assert [d["step"] for t, d in _events(store, job_id) if t == "progress"][-1] == 3
 
 
-def _run(store: JobStore, job_id: str, worker: str = "w1") -> tasks.JobRun:
+def _run(store: JobStore, job_id: str, worker: str = "w1") -> worker_run.JobRun:
     settings = WorkerSettings(heartbeat_interval_s=30, generate_time_limit_s=600)
-    return tasks.JobRun(store, store.get(job_id), worker, settings)
+    return worker_run.JobRun(store, store.get(job_id), worker, settings)
 
 
 def test_jobrun_sends_every_event_in_order_and_the_timings_at_the_end(store):
@@ -98,38 +99,38 @@ def test_jobrun_sends_every_event_in_order_and_the_timings_at_the_end(store):
 
 
 def test_jobrun_stops_at_a_cancel_within_a_batch_or_two(store, monkeypatch):
-    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 0.0)  # a batch per step: the count below is exact
-    monkeypatch.setattr(tasks, "WAIT_AFTER_STEP_S", 3600.0)  # short steps: replies are read a step later
+    monkeypatch.setattr(worker_run, "PUBLISH_EVERY_S", 0.0)  # a batch per step: the count below is exact
+    monkeypatch.setattr(worker_run, "WAIT_AFTER_STEP_S", 3600.0)  # short steps: replies are read a step later
     job_id = _running(store)
     with _run(store, job_id) as run:
         run.publish({"step": 1})
         run.flush()  # nothing in flight when the cancel comes
         store.cancel(job_id)
         run.publish({"step": 2})  # sends step 2; the reply is read during the next step
-        with pytest.raises(tasks.Stop) as e:
+        with pytest.raises(worker_run.Stop) as e:
             run.publish({"step": 3})  # reads step 2's reply: cancelled
     assert e.value.reason == "cancelled"
     assert [d.get("step") for t, d in _events(store, job_id) if t == "progress"] == [1, 2, 3]
 
 
 def test_jobrun_waits_for_the_reply_after_a_long_step(store, monkeypatch):
-    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 0.0)
-    monkeypatch.setattr(tasks, "WAIT_AFTER_STEP_S", 0.0)  # every step counts as long
+    monkeypatch.setattr(worker_run, "PUBLISH_EVERY_S", 0.0)
+    monkeypatch.setattr(worker_run, "WAIT_AFTER_STEP_S", 0.0)  # every step counts as long
     job_id = _running(store)
     with _run(store, job_id) as run:
         run.publish({"step": 1})
         store.cancel(job_id)
-        with pytest.raises(tasks.Stop) as e:
+        with pytest.raises(worker_run.Stop) as e:
             run.publish({"step": 2})  # the very next step sees it
     assert e.value.reason == "cancelled"
 
 
 def test_jobrun_stops_when_another_worker_owns_the_job(store, monkeypatch):
-    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 0.0)
-    monkeypatch.setattr(tasks, "WAIT_AFTER_STEP_S", 0.0)
+    monkeypatch.setattr(worker_run, "PUBLISH_EVERY_S", 0.0)
+    monkeypatch.setattr(worker_run, "WAIT_AFTER_STEP_S", 0.0)
     job_id = _running(store)
     store.r.hset(job_key(job_id), "worker", "w2")  # as a takeover after a stale heartbeat leaves it
-    with _run(store, job_id) as run, pytest.raises(tasks.Stop) as e:
+    with _run(store, job_id) as run, pytest.raises(worker_run.Stop) as e:
         run.publish({"step": 1})
     assert e.value.reason == "lost"
 
@@ -151,7 +152,7 @@ def _record_sends(monkeypatch, *, fail_first: bool = False) -> list[int]:
 
 def test_jobrun_batches_fast_steps(store, monkeypatch):
     sent = _record_sends(monkeypatch)
-    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 3600.0)
+    monkeypatch.setattr(worker_run, "PUBLISH_EVERY_S", 3600.0)
     job_id = _running(store)
     with _run(store, job_id) as run:
         for step in range(1, 51):
@@ -163,7 +164,7 @@ def test_jobrun_batches_fast_steps(store, monkeypatch):
 
 def test_jobrun_keeps_events_it_could_not_send_and_sends_them_later(store, monkeypatch):
     calls = _record_sends(monkeypatch, fail_first=True)
-    monkeypatch.setattr(tasks, "PUBLISH_EVERY_S", 0.0)
+    monkeypatch.setattr(worker_run, "PUBLISH_EVERY_S", 0.0)
     job_id = _running(store)
     with _run(store, job_id) as run:
         for step in range(1, 6):

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from jobs import volume
 from worker import janitor, lifecycle
 from worker.settings import get_worker_settings
 
@@ -54,7 +55,7 @@ def test_datasets_go_when_unused_for_the_ttl_unless_a_queued_finetune_names_them
     store.create("finetune", {"name": "x", "dataset_id": _id(11)})  # queued: its dataset must stay
     recent = _folder(ds / _id(12), 2 * DAY)
     trained_on = _folder(ds / _id(13), 8 * DAY)
-    janitor.mark_used(trained_on)  # a fine-tune started on it just now
+    volume.mark_used(trained_on)  # a fine-tune started on it just now
     assert janitor.sweep(store, tmp_path, job_ttl_s=TTL, dataset_ttl_s=0)["datasets"] == []  # 0: keep forever
     removed = janitor.sweep(store, tmp_path, job_ttl_s=TTL, dataset_ttl_s=TTL)
     assert removed["datasets"] == [_id(10)]

@@ -13,7 +13,7 @@ import pytest
 from _support.fixtures import shapes_dataset_zip, sse_events, wait_job
 from _support.servers import Stack, wait_until
 
-from worker.jobs import JobStore
+from jobs.store import JobStore
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from minidalle.base_training import BaseTrainConfig, train_base, train_base_main
-from minidalle.evaluate import evaluate
+from minidalle.cli.tiny import train_base_main
 from minidalle.pipeline import MiniDallePipeline
-from minidalle.shapes import heldout_combos
+from minidalle.tiny.base_training import BaseTrainConfig, train_base
+from minidalle.tiny.evaluate import evaluate
+from minidalle.tiny.shapes import heldout_combos
 
 TINY = dict(n_images=64, vae_steps=2, vae_batch=8, unet_steps=3, batch_size=8, warmup_steps=1,
             vae_channels=(16, 16, 16), unet_channels=(32, 32), text_width=32, text_layers=1,

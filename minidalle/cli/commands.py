@@ -1,7 +1,7 @@
 """The work behind `minidalle generate | finetune | info`: load, run with a progress bar, write, print.
 
 `minidalle.cli` parses the arguments and turns errors into one line; these functions get a parsed namespace and
-raise ValueError (naming the field) for anything a user can get wrong.
+raise InvalidInput (naming the field) for anything a user can get wrong.
 """
 
 from __future__ import annotations
@@ -14,36 +14,31 @@ import signal
 import sys
 from pathlib import Path
 
-PROG = "minidalle"
-EXIT_INTERRUPTED = 130  # the shell convention for Ctrl-C
+from minidalle.cli.parsing import EXIT_INTERRUPTED, PROG, error
+from minidalle.errors import InvalidInput
+from minidalle.params import FINETUNE
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from minidalle.schedulers import check_scheduler_name
-
-    if args.scheduler is not None:
-        check_scheduler_name(args.scheduler)  # before loading the model: fail fast
-    for path, _ in args.adapter:
+    for path, _ in args.adapter:  # before loading the model: fail fast
         if not path.is_dir():
-            raise ValueError(f"adapter: {path} is not a folder")
+            raise InvalidInput("adapter", f"{path} is not a folder")
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     active = _load_adapters(pipe, args.adapter)
-    pipe.check_inputs(args.prompt, args.negative_prompt, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                      num_images_per_prompt=args.num_images, scheduler=args.scheduler, adapters=active,
-                      seed=args.seed)
+    kwargs = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                  height=args.height, width=args.width, num_images_per_prompt=args.num_images_per_prompt,
+                  scheduler=args.scheduler, adapters=active)
+    pipe.check_inputs(args.prompt, args.negative_prompt, seed=args.seed, **kwargs)
     seed = args.seed if args.seed is not None else _random_seed()
     from tqdm.auto import tqdm
 
-    with tqdm(total=args.steps, desc="generate", unit="step", disable=args.quiet, file=sys.stderr) as bar:
+    with tqdm(total=args.num_inference_steps, desc="generate", unit="step", disable=args.quiet,
+              file=sys.stderr) as bar:
         def on_step(step: int, total: int) -> None:
             bar.total = total  # second-order schedulers (heun, kdpm2) take more model calls than --steps
             bar.update(step - bar.n)
 
-        out = pipe(args.prompt, args.negative_prompt, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                   num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler, adapters=active,
-                   callback=on_step)
+        out = pipe(args.prompt, args.negative_prompt, seed=seed, callback=on_step, **kwargs)
     from minidalle.png import save_png
 
     for image, meta in zip(out.images, out.metadata, strict=True):
@@ -59,21 +54,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     if not args.dataset_dir.is_dir():
-        raise ValueError(f"dataset_dir: {args.dataset_dir} is not a folder")
-    from minidalle.trainer import TrainConfig, train
+        raise InvalidInput("dataset_dir", f"{args.dataset_dir} is not a folder")
+    from minidalle.training import TrainConfig, train
 
-    given = {  # only what the user set: the trainer's defaults stay the single source of defaults
-        "model": args.model, "steps": args.steps, "learning_rate": args.learning_rate, "rank": args.rank,
-        "alpha": args.alpha, "dropout": args.dropout, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-        "resolution": args.resolution, "mixed_precision": args.mixed_precision,
-        "checkpoint_every": args.checkpoint_every, "resume": args.resume, "train_prior": args.train_prior,
-        "validation_prompts": args.validation_prompt, "seed": args.seed, "lr_scheduler": args.lr_scheduler,
-        "lr_warmup_steps": args.lr_warmup_steps, "caption_dropout": args.caption_dropout,
-        "random_flip": args.random_flip, "gradient_checkpointing": args.gradient_checkpointing,
-        "work_dir": str(args.work_dir) if args.work_dir else None,
-    }
-    config = TrainConfig(dataset_dir=str(args.dataset_dir), output_dir=str(args.out),
-                         **{k: v for k, v in given.items() if v is not None})
+    given = {name: getattr(args, name) for name, p in FINETUNE.items() if p.cli_flag}
+    given.update(model=args.model, resume=args.resume, work_dir=str(args.work_dir) if args.work_dir else None)
+    given = {k: v for k, v in given.items() if v is not None}  # only what the user set: the library's defaults
+    config = TrainConfig(dataset_dir=str(args.dataset_dir), output_dir=str(args.out), **given)
     from tqdm.auto import tqdm
 
     bars: list = []  # made at the first event: dataset errors surface before any bar is drawn
@@ -191,31 +178,14 @@ def quiet_libraries() -> None:
     enable_progress_bars()
 
 
-def _check_device(text: str | None) -> None:
-    """A device torch can parse and this machine has; else ValueError (torch would raise deep inside .to())."""
-    if text is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"device: {text!r} is not a device name (cpu, cuda, cuda:1, mps, …)") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (dev.index or 0) >= n:
-            raise ValueError(f"device: {text} is not available (this machine has {n} CUDA device(s))")
-    elif dev.type == "mps" and not (torch.backends.mps.is_available()):
-        raise ValueError(f"device: {text} is not available on this machine")
-
-
 def _load_pipeline(model: str | None, device: str | None, dtype: str | None):
     quiet_libraries()
-    _check_device(device)
+    from minidalle.devices import resolve_device
     from minidalle.pipeline import MiniDallePipeline
 
+    resolve_device(device)  # before loading anything: a device this machine lacks is an error now
     if model is not None and not os.path.isdir(model) and (os.path.exists(model) or model.startswith((".", "/"))):
-        raise ValueError(f"model: {model} is not a folder")
+        raise InvalidInput("model", f"{model} is not a folder")
     return MiniDallePipeline.from_pretrained(model, torch_dtype=dtype, device=device)
 
 
@@ -289,8 +259,3 @@ def _random_seed() -> int:
 
     return secrets.randbelow(2**31)
 
-
-
-
-def error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)

@@ -12,7 +12,6 @@ only tiny, saved in the same folder layout, so `from_pretrained` loads it like a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -27,7 +26,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from minidalle import shapes
+from minidalle.errors import InvalidInput
+from minidalle.tiny import shapes
 
 
 @dataclass
@@ -63,20 +63,20 @@ class BaseTrainConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise InvalidInput(name, f"must be a positive int, got {value!r}")
         if self.resolution not in (32, 64):
-            raise ValueError(f"resolution must be 32 or 64, got {self.resolution!r}")
+            raise InvalidInput("resolution", f"must be 32 or 64, got {self.resolution!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+            raise InvalidInput("caption_dropout", f"must be in [0, 1), got {self.caption_dropout!r}")
         if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
+            raise InvalidInput("ema_decay", f"must be in (0, 1), got {self.ema_decay!r}")
         if self.minutes_budget is not None and self.minutes_budget <= 0:
-            raise ValueError(f"minutes_budget must be > 0, got {self.minutes_budget!r}")
+            raise InvalidInput("minutes_budget", f"must be > 0, got {self.minutes_budget!r}")
 
 
 def build_tokenizer() -> CLIPTokenizer:
-    from minidalle.embedded import TINY_WORDS
-    from minidalle.tokenizer import build_tokenizer as _build
+    from minidalle.tiny.build import TINY_WORDS
+    from minidalle.tiny.tokenizer import build_tokenizer as _build
 
     return _build(list(dict.fromkeys([*TINY_WORDS, *shapes.WORDS])))
 
@@ -107,7 +107,7 @@ def build_components(cfg: BaseTrainConfig) -> dict:
         down_block_types=("CrossAttnDownBlock2D",) * len(cfg.unet_channels),
         up_block_types=("CrossAttnUpBlock2D",) * len(cfg.unet_channels),
     )
-    from minidalle.embedded import sd15_scheduler_config
+    from minidalle.tiny.build import sd15_scheduler_config
 
     scheduler = DDIMScheduler(**sd15_scheduler_config())
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
@@ -170,7 +170,7 @@ def train_unet_and_text(
     empty_ids: torch.Tensor, cfg: BaseTrainConfig, checkpoint=None,
 ) -> tuple[list[float], int]:
     """Joint ε-prediction training; afterwards both modules hold their EMA weights. Returns (losses, steps run)."""
-    from minidalle.embedded import sd15_scheduler_config
+    from minidalle.tiny.build import sd15_scheduler_config
 
     noise_sched = DDPMScheduler(**{k: v for k, v in sd15_scheduler_config().items() if k != "set_alpha_to_one"})
     g = torch.Generator().manual_seed(cfg.seed + 2)
@@ -272,33 +272,3 @@ def train_base(cfg: BaseTrainConfig) -> dict:
                   config={k: str(v) for k, v in asdict(cfg).items()})
     (Path(cfg.out) / "training.json").write_text(json.dumps(result, indent=2))  # provenance; loaders ignore it
     return result
-
-
-def train_base_main(argv: list[str] | None = None) -> int:
-    """`minidalle train-base --out DIR [--seed N] [--steps N] [--vae-steps N] [--images N] [--minutes-budget M]`"""
-    ap = argparse.ArgumentParser(prog="minidalle train-base", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="model folder to write")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=BaseTrainConfig.unet_steps, help="text encoder + UNet steps")
-    ap.add_argument("--vae-steps", type=int, default=BaseTrainConfig.vae_steps)
-    ap.add_argument("--images", type=int, default=BaseTrainConfig.n_images, help="training images to draw")
-    ap.add_argument("--batch-size", type=int, default=BaseTrainConfig.batch_size)
-    ap.add_argument("--minutes-budget", type=float, default=None,
-                    help="wall-clock cap on the UNet stage; stops early (not reproducible) when hit")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = ap.parse_args(argv)
-    try:
-        cfg = BaseTrainConfig(out=args.out, seed=args.seed, unet_steps=args.steps, vae_steps=args.vae_steps,
-                              n_images=args.images, batch_size=args.batch_size,
-                              minutes_budget=args.minutes_budget, threads=args.threads)
-    except ValueError as e:
-        ap.error(str(e))
-    result = train_base(cfg)
-    t = result["timings"]
-    print(f"train-base: {result['out']}  data {t['data_s']:.0f}s  vae {t['vae_s']:.0f}s  "
-          f"unet+text {t['unet_s']:.0f}s  total {t['total_s'] / 60:.1f} min")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(train_base_main())

@@ -1,7 +1,7 @@
 """Quality evaluation of a model on the shapes task: does the image obey the prompt?
 
 `evaluate(model)` generates every held-out prompt (combinations never trained on) with fixed seeds and lets the
-deterministic judge (`minidalle.judge`) read shape colour, background colour and shape from each image.
+deterministic judge (`minidalle.tiny.judge`) read shape colour, background colour and shape from each image.
 `judge_dataset_accuracy()` checks the judge on real dataset images and `vae_ceiling(model)` on the model's VAE
 reconstructions of them — the best any generation through that VAE could score.
 
@@ -10,8 +10,6 @@ reconstructions of them — the best any generation through that VAE could score
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Sequence
 
@@ -19,8 +17,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minidalle import shapes
-from minidalle.judge import judge
+from minidalle.errors import InvalidInput
+from minidalle.tiny import shapes
+from minidalle.tiny.judge import judge
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
 DEFAULT_STEPS = 25
@@ -36,7 +35,7 @@ def _load(pipe_or_model):
         return MiniDallePipeline.from_pretrained(None if pipe_or_model is None else str(pipe_or_model),
                                                  device="cpu")
     if not callable(pipe_or_model):
-        raise ValueError(f"model: expected a pipeline or a model folder / hub id, got {type(pipe_or_model)}")
+        raise InvalidInput("model", f"expected a pipeline or a model folder / hub id, got {type(pipe_or_model)}")
     return pipe_or_model
 
 
@@ -81,12 +80,12 @@ def evaluate(pipe_or_model_path=None, *, seeds: Sequence[int] = DEFAULT_SEEDS,
              progress: bool = True) -> dict:
     """Accuracy of shape colour / background colour / shape on `prompts` (default: every held-out combination)."""
     if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ValueError(f"seeds: must be a non-empty list of non-negative ints, got {seeds!r}")
+        raise InvalidInput("seeds", f"must be a non-empty list of non-negative ints, got {seeds!r}")
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: must be a positive int, got {steps!r}")
+        raise InvalidInput("steps", f"must be a positive int, got {steps!r}")
     combos = list(shapes.heldout_combos() if prompts is None else prompts)
     if not combos or not all(isinstance(c, shapes.Combo) for c in combos):
-        raise ValueError("prompts: must be a non-empty list of shapes.Combo")
+        raise InvalidInput("prompts", "must be a non-empty list of shapes.Combo")
     pipe = _load(pipe_or_model_path)
     t = time.monotonic()
     images = generate_grid(pipe, [c.caption for c in combos], seeds=seeds, steps=steps, guidance=guidance,
@@ -150,10 +149,10 @@ def lora_teach(model: str, work_dir, *, concept: shapes.Concept = shapes.Concept
     from pathlib import Path
 
     from minidalle.pipeline import MiniDallePipeline
-    from minidalle.trainer import TrainConfig, train
+    from minidalle.training import TrainConfig, train
 
     if not 8 <= n_images <= 64:
-        raise ValueError(f"n_images: must be in [8, 64], got {n_images!r}")
+        raise InvalidInput("n_images", f"must be in [8, 64], got {n_images!r}")
     work = Path(work_dir)
     pipe = MiniDallePipeline.from_pretrained(model, device="cpu")
     data = shapes.write_concept_imagefolder(work / "data", n_images, seed=0, concept=concept,
@@ -211,55 +210,3 @@ def format_table(rows: dict[str, dict]) -> str:
         cells = [f"{100 * r[c]:13.1f}%" if c != "n_images" else f"{r[c]:>14d}" for c in cols]
         lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
-
-
-def _parse_seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds: expected comma-separated ints, got {text!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"seeds: expected non-negative ints, got {text!r}")
-    return seeds
-
-
-def eval_main(argv: list[str] | None = None) -> int:
-    """`minidalle eval`: held-out prompt accuracy of a model, plus the judge's and the VAE's ceilings."""
-    ap = argparse.ArgumentParser(prog="minidalle eval", description=eval_main.__doc__)
-    ap.add_argument("--model", default=None, help="model folder or hub id (default: the embedded model)")
-    ap.add_argument("--adapter", action="append", default=[], metavar="DIR_OR_NAME[:SCALE]",
-                    help="evaluate with this LoRA adapter active (repeatable)")
-    ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-    ap.add_argument("--seeds", type=_parse_seeds, default=DEFAULT_SEEDS, help="comma-separated, e.g. 0,1,2,3")
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    args = ap.parse_args(argv)
-    if args.steps < 1:
-        ap.error(f"--steps must be a positive int, got {args.steps}")
-    adapters = []
-    for item in args.adapter:
-        ref, _, scale = item.rpartition(":") if ":" in item else (item, "", "1")
-        try:
-            adapters.append((ref, float(scale)))
-        except ValueError:
-            ap.error(f"--adapter: scale must be a number, got {item!r}")
-    pipe = _load(args.model)
-    result = evaluate(pipe, seeds=args.seeds, steps=args.steps, guidance=args.guidance, adapters=adapters,
-                      progress=not args.json)
-    if adapters:
-        result["adapters"] = [list(a) for a in adapters]
-    judge_real = judge_dataset_accuracy()
-    ceiling = vae_ceiling(pipe)
-    if args.json:
-        result.update(judge_real_accuracy=judge_real["all_accuracy"], vae_ceiling=ceiling)
-        print(json.dumps(result, sort_keys=True))
-    else:
-        print(f"model {result['model']}: {result['n_prompts']} held-out prompts x {len(args.seeds)} seeds, "
-              f"{args.steps} steps, guidance {args.guidance} ({result['seconds']} s)")
-        print(format_table({"generated (held-out)": result, "VAE reconstructions": ceiling,
-                            "real images": judge_real}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(eval_main())

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidalle import shapes
-from minidalle.evaluate import eval_main, evaluate, evaluate_concept, format_table, judge_dataset_accuracy
+from minidalle.cli.tiny import eval_main
+from minidalle.tiny import shapes
+from minidalle.tiny.evaluate import evaluate, evaluate_concept, format_table, judge_dataset_accuracy
 
 CAPTION = re.compile(r"an? (\w+) (\w+) on an? (\w+) background")
 CONCEPT = re.compile(r"a zorb on an? (\w+) background")

@@ -13,13 +13,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,86 +27,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minidalle.adapters import LoraSettings, save_adapter
+from minidalle.adapters import save_adapter
 from minidalle.data import Example, dataset_hash, load_image, scan_dataset
-from minidalle.errors import Cancelled
+from minidalle.devices import resolve_dtype
+from minidalle.errors import Cancelled, InvalidInput
+from minidalle.training.checkpoint import flatten_optimizer, jsonable, latest_checkpoint, step_of, unflatten_optimizer
+from minidalle.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 TRAIN_ADAPTER = "minidalle-train"  # name of the LoRA being trained on a (possibly resident) UNet
 VALIDATION_ADAPTER = "minidalle-validation"
 ProgressCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class TrainConfig:
-    dataset_dir: str
-    output_dir: str  # the final adapter folder
-    model: str | None = None  # folder or hub id; None = the embedded default (ignored when a pipeline is passed)
-    work_dir: str | None = None  # checkpoints/ and validation/; default: "<output_dir>.work"
-    steps: int = 500  # optimizer steps
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"  # constant | cosine | linear, each after lr_warmup_steps of linear warmup
-    lr_warmup_steps: int = 0
-    rank: int = 8
-    alpha: float = 16.0  # alpha / rank = 2: the LoRA update's scale
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
-    train_prior: bool = True
-    prior_learning_rate: float | None = None  # None: same as learning_rate
-    batch_size: int = 1
-    grad_accum: int = 1
-    resolution: int | None = None  # None: the model's native size
-    random_flip: bool = False
-    caption_dropout: float = 0.05  # empty caption this often, so classifier-free guidance keeps working
-    max_grad_norm: float = 1.0
-    weight_decay: float = 1e-2
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16 (auto: the pipeline's dtype on CUDA, fp32 on CPU)
-    gradient_checkpointing: bool = False  # trades ~30 % speed for much less activation memory on big UNets
-    cache: bool = True  # cache text-encoder states and VAE latent distributions (both frozen)
-    checkpoint_every: int = 100  # 0: only the final state
-    keep_checkpoints: int = 2
-    resume: bool = True  # continue from the latest checkpoint in work_dir
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_steps: int = 20
-    validation_guidance_scale: float = 7.5
-    validation_seed: int = 0
-    seed: int = 0
-
-    def check(self) -> None:
-        """ValueError naming the first bad field, before any model work."""
-        def need(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"{name}: {msg}, got {getattr(self, name)!r}")
-
-        need(isinstance(self.steps, int) and 1 <= self.steps <= 1_000_000, "steps", "must be in [1, 1000000]")
-        need(0 < self.learning_rate <= 1, "learning_rate", "must be in (0, 1]")
-        need(self.prior_learning_rate is None or 0 < self.prior_learning_rate <= 1, "prior_learning_rate",
-             "must be in (0, 1]")
-        need(self.lr_scheduler in ("constant", "cosine", "linear"), "lr_scheduler", "must be constant|cosine|linear")
-        need(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
-        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1024, "batch_size", "must be in [1, 1024]")
-        need(isinstance(self.grad_accum, int) and 1 <= self.grad_accum <= 1024, "grad_accum", "must be in [1, 1024]")
-        need(self.resolution is None or (isinstance(self.resolution, int) and self.resolution >= 8
-                                         and self.resolution % 8 == 0 and self.resolution <= 2048),
-             "resolution", "must be a multiple of 8 in [8, 2048]")
-        need(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
-        need(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-        need(self.mixed_precision in ("auto", "no", "fp16", "bf16"), "mixed_precision", "must be auto|no|fp16|bf16")
-        need(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
-        need(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-        need(isinstance(self.validation_steps, int) and 1 <= self.validation_steps <= 1000, "validation_steps",
-             "must be in [1, 1000]")
-        need(all(isinstance(p, str) for p in self.validation_prompts), "validation_prompts", "must be strings")
-        self.lora.check()
-
-    @property
-    def lora(self) -> LoraSettings:
-        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                            target_modules=list(self.target_modules))
-
-    @property
-    def work_path(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path(f"{self.output_dir}.work")
 
 
 @dataclass
@@ -145,19 +75,18 @@ class Trainer:
         self.data_hash = dataset_hash(self.examples)
         # 2. model
         if self.pipe is None:
-            from minidalle.pipeline import MiniDallePipeline, resolve_device
+            from minidalle.devices import resolve_device, training_dtype
+            from minidalle.pipeline import MiniDallePipeline
 
             dev = resolve_device(None)
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-            if dtype is None:
-                dtype = torch.float16 if (dev.type == "cuda" and cfg.mixed_precision == "auto") else torch.float32
-            self.pipe = MiniDallePipeline.from_pretrained(cfg.model, torch_dtype=dtype, device=dev)
+            self.pipe = MiniDallePipeline.from_pretrained(cfg.model, torch_dtype=training_dtype(cfg.mixed_precision,
+                                                                                                dev), device=dev)
         pipe = self.pipe
         self.device, self.dtype = pipe.device, pipe.dtype
         self.amp_dtype = self._amp_dtype()
         self.resolution = cfg.resolution or pipe.default_height
         if self.resolution % pipe.vae_scale_factor:
-            raise ValueError(f"resolution: must be a multiple of {pipe.vae_scale_factor} for this model")
+            raise InvalidInput("resolution", f"must be a multiple of {pipe.vae_scale_factor} for this model")
         self.noise_scheduler = _training_scheduler(pipe.scheduler.config)
         # 3. trainable parts: LoRA on the UNet, a copy of the prior MLP
         torch.manual_seed(cfg.seed)
@@ -200,8 +129,8 @@ class Trainer:
         if mp == "no":
             return None
         if mp == "fp16" and self.device.type != "cuda":
-            raise ValueError("mixed_precision: fp16 needs a CUDA device (use 'no' or 'bf16' on CPU)")
-        return torch.float16 if mp == "fp16" else torch.bfloat16
+            raise InvalidInput("mixed_precision", "fp16 needs a CUDA device (use 'no' or 'bf16' on CPU)")
+        return resolve_dtype(mp, self.device)
 
     @torch.no_grad()
     def _fill_caches(self) -> None:
@@ -321,12 +250,12 @@ class Trainer:
                              lr=self.lr_scheduler.get_last_lr()[0],
                              samples_per_s=cfg.batch_size * cfg.grad_accum / max(per_step, 1e-9),
                              eta_s=per_step * (cfg.steps - self.step))
-                every = cfg.checkpoint_every
+                every = cfg.checkpoint_interval
                 if every and self.step % every == 0 and self.step < cfg.steps:
                     self._checkpoint_and_validate()
                 self.on_progress(event)
         except Cancelled:
-            if not self.checkpoints or _step_of(self.checkpoints[-1]) != self.step:
+            if not self.checkpoints or step_of(self.checkpoints[-1]) != self.step:
                 if self.step > 0:
                     self.save_checkpoint()
             raise
@@ -355,7 +284,7 @@ class Trainer:
         """Write the adapter folder (adapter.safetensors, adapter.json, pytorch_lora_weights.safetensors)."""
         cfg = self.config
         meta = dict(base_model=self.pipe.model_id, base_model_hash=self.pipe.model_hash,
-                    training=_jsonable(dataclasses.asdict(cfg)), steps=self.step, dataset_hash=self.data_hash,
+                    training=jsonable(dataclasses.asdict(cfg)), steps=self.step, dataset_hash=self.data_hash,
                     num_images=len(self.examples), final_loss=loss, resolution=self.resolution,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         prior = {k: v.detach().float().cpu() for k, v in self.prior_mlp.state_dict().items()} \
@@ -371,12 +300,12 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         self.export(tmp / "adapter")
-        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+        opt_tensors, opt_meta = flatten_optimizer(self.optimizer.state_dict())
         opt_tensors["rng.torch"] = torch.get_rng_state()
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        state = dict(step=self.step, optimizer=opt_meta, lr_scheduler=_jsonable(self.lr_scheduler.state_dict()),
-                     scaler=_jsonable(self.scaler.state_dict()), dataset_hash=self.data_hash,
-                     config=_jsonable(dataclasses.asdict(self.config)))
+        state = dict(step=self.step, optimizer=opt_meta, lr_scheduler=jsonable(self.lr_scheduler.state_dict()),
+                     scaler=jsonable(self.scaler.state_dict()), dataset_hash=self.data_hash,
+                     config=jsonable(dataclasses.asdict(self.config)))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -393,20 +322,20 @@ class Trainer:
 
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("dataset_hash") != self.data_hash:
-            raise ValueError(f"resume: checkpoint {path} was made from a different dataset")
+            raise InvalidInput("resume", f"checkpoint {path} was made from a different dataset")
         adapter = load_adapter_files(path / "adapter")
         lora = {k: v.to(self.device, torch.float32) for k, v in adapter.lora.items()}
         set_peft_model_state_dict(self.pipe.unet, lora, adapter_name=TRAIN_ADAPTER)
         if self.prior_mlp is not None:
             if adapter.prior is None:
-                raise ValueError(f"resume: checkpoint {path} has no prior weights but train_prior is on")
+                raise InvalidInput("resume", f"checkpoint {path} has no prior weights but train_prior is on")
             self.prior_mlp.load_state_dict({k: v.float() for k, v in adapter.prior.items()})
         try:
             tensors = load_file(path / "optimizer.safetensors")
         except Exception as e:  # a truncated or foreign file: say which
-            raise ValueError(f"resume: {path}/optimizer.safetensors is not readable ({e})") from e
+            raise InvalidInput("resume", f"{path}/optimizer.safetensors is not readable ({e})") from e
         torch.set_rng_state(tensors.pop("rng.torch"))
-        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"], self.device))
+        self.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"], self.device))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
         self.step = int(state["step"])
@@ -460,20 +389,8 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None, pipe
         trainer.teardown()
 
 
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    root = Path(work_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-def _apply_proj(prior, h: torch.Tensor) -> torch.Tensor:
-    proj = prior.proj
-    if isinstance(proj, torch.nn.Identity):
-        return h
-    return F.linear(h, proj.weight.float())
-
 
 def _training_scheduler(config):
     from diffusers import DDPMScheduler
@@ -490,43 +407,8 @@ def _lr_scheduler(cfg: TrainConfig, optimizer):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps)
 
 
-def _step_of(path: Path) -> int:
-    return int(path.name.split("-")[-1])
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return None  # functions (lr lambdas) are rebuilt, not stored
-
-
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, device) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        _, idx, k = key.split(".", 2)
-        state.setdefault(int(idx), {})[k] = v.to(device) if k != "step" else v
-    for key, v in meta.get("scalars", {}).items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
+def _apply_proj(prior, h: torch.Tensor) -> torch.Tensor:
+    proj = prior.proj
+    if isinstance(proj, torch.nn.Identity):
+        return h
+    return F.linear(h, proj.weight.float())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import redis
 
-from worker.jobs import PREFIX
+from jobs.store import PREFIX
 
 # seconds per denoising / training step: from a tiny model on a GPU (ms) to SD 1.5 training on a CPU (minutes)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)

@@ -18,7 +18,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from minidalle.shapes import COLORS, PALETTE, SHAPES, size_range, template
+from minidalle.errors import InvalidInput
+from minidalle.tiny.shapes import COLORS, PALETTE, SHAPES, size_range, template
 
 IOU_THRESHOLD = 0.7
 MIN_CONTRAST = 40.0  # RGB distance below which nothing "stands out" from the background: no shape drawn
@@ -48,9 +49,9 @@ def _to_array(image) -> np.ndarray:
         image = np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] != arr.shape[1]:
-        raise ValueError(f"image must be a square RGB image (H, W, 3), got shape {arr.shape}")
+        raise InvalidInput("image", f"must be a square RGB image (H, W, 3), got shape {arr.shape}")
     if arr.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 RGB, got dtype {arr.dtype}")
+        raise InvalidInput("image", f"must be uint8 RGB, got dtype {arr.dtype}")
     return arr.astype(np.float32)
 
 

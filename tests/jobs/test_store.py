@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from worker.jobs import ACTIVE_KEY, STATS_KEY, JobStore, events_key, job_key
+from jobs.store import ACTIVE_KEY, STATS_KEY, JobStore, events_key, job_key
 
 
 def _events(store: JobStore, job_id: str) -> list[str]:
@@ -99,15 +99,15 @@ def test_adapter_name_hold(store):
 def test_list_filters_and_counts(store):
     ids = [store.create("generate", {}) for _ in range(3)] + [store.create("finetune", {"name": "n"})]
     store.finish(ids[0], "failed", error="x")
-    jobs = store.list(kind="generate", limit=10)
+    jobs = store.list_jobs(kind="generate", limit=10)
     assert [j["id"] for j in jobs] == ids[2::-1]
-    assert [j["id"] for j in store.list(state="failed")] == [ids[0]]
-    assert [j["id"] for j in store.list(limit=2)] == [ids[3], ids[2]]
+    assert [j["id"] for j in store.list_jobs(state="failed")] == [ids[0]]
+    assert [j["id"] for j in store.list_jobs(limit=2)] == [ids[3], ids[2]]
     counts = store.counts()
     assert counts[("generate", "queued")] == 2 and counts[("generate", "failed")] == 1
     assert counts[("finetune", "queued")] == 1
     store.r.delete(job_key(ids[1]))  # expired: dropped from the index while listing
-    assert ids[1] not in [j["id"] for j in store.list(limit=10)]
+    assert ids[1] not in [j["id"] for j in store.list_jobs(limit=10)]
 
 
 def test_waiting_longer_than_the_default_socket_timeout(client):
@@ -115,8 +115,8 @@ def test_waiting_longer_than_the_default_socket_timeout(client):
     import asyncio
     import time
 
+    from jobs.store import blocking_client
     from service.views import wait_for_end
-    from worker.jobs import blocking_client
 
     url = "redis://{host}:{port}/{db}".format(**client.connection_pool.connection_kwargs)
     store = JobStore(client, ttl_s=120, events_maxlen=1000)
@@ -142,12 +142,12 @@ def test_a_recorded_job_whose_enqueue_fails_is_left_to_the_reconciler(store, mon
 
     from service import views
 
-    def broker_down(kind, job_id):
+    def broker_down(queue, kind, job_id):
         raise OperationalError("Error 111 connecting to redis:6379. Connection refused.")
 
     monkeypatch.setattr(views, "enqueue", broker_down)
     job_id = store.create("generate", {"prompt": "p"})
-    views.enqueue_recorded(store, "generate", job_id)  # no exception
+    views.enqueue_recorded(store, None, "generate", job_id)  # no exception
     assert store.r.hget(job_key(job_id), "enqueued") == "0"  # the reconciler's "recorded, never enqueued" case
     store.r.hset(job_key(job_id), "created_at", repr(time.time() - 60))
     assert store.reconcile_one(job_id, stale_after_s=30, max_attempts=3, enqueue_grace_s=10) == "enqueue"

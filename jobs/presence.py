@@ -1,6 +1,7 @@
 """Worker presence in Redis: who is alive, which queues it serves, whether its model is loaded. Torch-free.
 
-A worker keeps `minidalle:worker:{name}` fresh (TTL a few heartbeats); /readyz and `python -m worker.health` read it.
+A worker keeps `minidalle:worker:{name}` fresh (TTL a few heartbeats); /readyz, `minidalle serve` and
+`python -m worker.health` read it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 
 import redis
 
-from worker.jobs import WORKER_KEY
+from jobs.store import WORKER_KEY
 
 
 def publish(r: redis.Redis, name: str, info: dict, ttl_s: float) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minidalle.embedded import MODELS_DIR
-from minidalle.evaluate import lora_teach
+from minidalle.tiny.evaluate import lora_teach
 
 SHAPES_MODEL = MODELS_DIR / "tiny-shapes"
 

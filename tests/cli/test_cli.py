@@ -12,9 +12,10 @@ from PIL import Image
 
 from minidalle import cli
 from minidalle.png import read_parameters
+from minidalle.training.checkpoint import latest_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-from minidalle.embedded import TINY_RANDOM  # noqa: E402  (core tests run on the random tiny model)
+from minidalle.embedded import TINY_RANDOM  # noqa: E402  (CLI tests run on the random tiny model)
 
 GEN = ["--steps", "3", "--guidance-scale", "6", "--quiet", "--model", str(TINY_RANDOM)]
 
@@ -161,11 +162,10 @@ def test_passthrough_commands_get_their_arguments(monkeypatch):
             return 3
         return run
 
-    import minidalle.base_training
-    import minidalle.evaluate
+    import minidalle.cli.tiny
 
-    monkeypatch.setattr(minidalle.evaluate, "eval_main", fake("eval"))
-    monkeypatch.setattr(minidalle.base_training, "train_base_main", fake("train-base"))
+    monkeypatch.setattr(minidalle.cli.tiny, "eval_main", fake("eval"))
+    monkeypatch.setattr(minidalle.cli.tiny, "train_base_main", fake("train-base"))
     assert cli.main(["eval", "--model", "m", "--help"]) == 3
     assert cli.main(["train-base", "--steps", "5"]) == 3
     assert seen == {"eval": ["--model", "m", "--help"], "train-base": ["--steps", "5"]}
@@ -219,7 +219,7 @@ def test_finetune_broken_image_names_the_file(dataset, tmp_path, capsys):
 def test_ctrl_c_during_finetune_checkpoints_and_a_rerun_resumes(dataset, tmp_path, capsys, monkeypatch):
     import signal
 
-    import minidalle.trainer as trainer
+    import minidalle.training as trainer
 
     real_train, steps_seen = trainer.train, []
 
@@ -238,7 +238,7 @@ def test_ctrl_c_during_finetune_checkpoints_and_a_rerun_resumes(dataset, tmp_pat
     rc, lines, err = _run_main(capsys, *argv)
     assert rc == 130 and lines == []
     assert "cancelled" in err and not out.exists()
-    assert trainer.latest_checkpoint(tmp_path / "a.work").name.endswith("2")  # saved on the way out
+    assert latest_checkpoint(tmp_path / "a.work").name.endswith("2")  # saved on the way out
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     rc, lines, err = _run_main(capsys, *argv)  # the same command again: resumes at step 3
     assert rc == 0, err

@@ -1,14 +1,13 @@
-"""Job records and event streams in Redis: the truth about every job. Torch-free (the API uses it too).
+"""Job records and event streams in Redis: the truth about every job. Torch-free (the API and workers share it).
 
     minidalle:job:{id}          hash: id kind state request attempts worker heartbeat_at progress result error ...
     minidalle:job:{id}:events   stream: one entry per event {type, data(json)}; capped, expires with the job
     minidalle:jobs              zset: job ids by creation time (listing)
     minidalle:jobs:active       set: ids of queued/running jobs (reconciler, metrics)
     minidalle:stats             hash: "{kind}:{state}" -> count of jobs that ended in that state
-    minidalle:worker:{name}     string (TTL): a worker's presence and readiness (see worker.presence)
+    minidalle:worker:{name}     string (TTL): a worker's presence and readiness (see jobs.presence)
 
-State changes that must not race (claim, cancel, finish, requeue) are Lua scripts, so they are atomic; times in
-them come from Redis' clock, so staleness never depends on two machines' clocks agreeing.
+State changes that must not race (claim, cancel, finish, requeue) are the Lua scripts of `jobs.lua`.
 """
 
 from __future__ import annotations
@@ -16,11 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
+
+from jobs.events import EventChannel
+from jobs.lua import CANCEL, CLAIM, FINISH, HEARTBEAT, RECONCILE, RELEASE, REQUEUE
+from jobs.volume import new_id as new_job_id
 
 log = logging.getLogger(__name__)
 PREFIX = "minidalle:"
@@ -48,156 +51,17 @@ def events_key(job_id: str) -> str:
 def blocking_client(url: str, *, asyncio: bool = False):
     """A client for blocking reads (BLPOP on `done`, XREAD BLOCK on events) that may wait longer than redis-py's
     default 5 s socket timeout; dead peers are still noticed through TCP keepalive and a health check."""
-    options = dict(decode_responses=True, socket_timeout=None, socket_connect_timeout=5, socket_keepalive=True,
-                   health_check_interval=30)
     if asyncio:
         from redis import asyncio as aioredis
 
-        return aioredis.Redis.from_url(url, **options)
-    return redis.Redis.from_url(url, **options)
+        return aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=None, socket_connect_timeout=5,
+                                       socket_keepalive=True, health_check_interval=30)
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=None, socket_connect_timeout=5,
+                                socket_keepalive=True, health_check_interval=30)
 
 
 def done_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:done"
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex
-
-
-_NOW = "local _t = redis.call('TIME'); local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000\n"
-
-# KEYS: job, events, active, stats, done; ARGV: state, result_json, error, ttl, maxlen, event_data_json, job_id
-# `done` gets the final state pushed, for the one request that waits on the job (BLPOP, no wake-up per step)
-_FINISH_BODY = """
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', tostring(now), 'result', ARGV[2], 'error', ARGV[3])
-redis.call('HDEL', KEYS[1], 'worker')
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', ARGV[1], 'data', ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('SREM', KEYS[3], ARGV[7])
-redis.call('HINCRBY', KEYS[4], redis.call('HGET', KEYS[1], 'kind') .. ':' .. ARGV[1], 1)
-redis.call('RPUSH', KEYS[5], ARGV[1])
-redis.call('EXPIRE', KEYS[5], ARGV[4])
-"""
-
-FINISH = (
-    _NOW
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 0 end
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
-"""
-    + _FINISH_BODY
-    + "return 1"
-)
-
-# Same KEYS/ARGV as FINISH (state = 'cancelled'); a queued job ends now, a running one is asked to stop.
-CANCEL = (
-    _NOW
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 'missing' end
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 'finished' end
-if state == 'running' then
-  if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
-    redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', 'cancel_requested', 'data', '{}')
-  end
-  return 'requested'
-end
-redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-"""
-    + _FINISH_BODY
-    + "return 'cancelled'"
-)
-
-# KEYS: job, events; ARGV: worker, stale_after, max_attempts, maxlen
-CLAIM = (
-    _NOW
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing', ''} end
-if state ~= 'queued' and state ~= 'running' then return {'finished', state} end
-if state == 'running' then
-  local hb = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at') or '0')
-  if now - hb < tonumber(ARGV[2]) then return {'busy', redis.call('HGET', KEYS[1], 'worker') or ''} end
-end
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel', ''} end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts > tonumber(ARGV[3]) then return {'exhausted', tostring(attempts - 1)} end
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'heartbeat_at', tostring(now), 'enqueued', '1')
-if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', tostring(now)) end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'started',
-  'data', cjson.encode({attempt = attempts, worker = ARGV[1]}))
-return {'run', tostring(attempts)}
-"""
-)
-
-# KEYS: job, events; ARGV: worker, maxlen, reason. The owner hands a running job back to the queue (its worker is
-# shutting down): queued again, this attempt not counted. 1 if it was still this worker's.
-REQUEUE = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'enqueued', '0')
-redis.call('HDEL', KEYS[1], 'worker')
-redis.call('HINCRBY', KEYS[1], 'attempts', -1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'type', 'requeued', 'data', cjson.encode({reason = ARGV[3]}))
-return 1
-"""
-
-# KEYS: job; ARGV: worker. 1 while this worker still owns the running job, else 0.
-HEARTBEAT = (
-    _NOW
-    + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'heartbeat_at', tostring(now))
-return 1
-"""
-)
-
-# KEYS: job, events, active; ARGV: stale_after, max_attempts, maxlen, enqueue_grace, job_id
-RECONCILE = (
-    _NOW
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state or state == 'succeeded' or state == 'failed' or state == 'cancelled' then
-  redis.call('SREM', KEYS[3], ARGV[5])
-  return 'gone'
-end
-if state == 'running' then
-  local hb = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at') or '0')
-  if now - hb < tonumber(ARGV[1]) then return 'ok' end
-  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-  if attempts >= tonumber(ARGV[2]) then return 'exhausted' end
-  if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
-  redis.call('HSET', KEYS[1], 'state', 'queued', 'enqueued', '1')
-  redis.call('HDEL', KEYS[1], 'worker')
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', 'requeued',
-    'data', cjson.encode({reason = 'worker heartbeat stale', attempts = attempts}))
-  return 'requeue'
-end
-if redis.call('HGET', KEYS[1], 'enqueued') ~= '1' then
-  local created = tonumber(redis.call('HGET', KEYS[1], 'created_at') or '0')
-  if now - created < tonumber(ARGV[4]) then return 'ok' end
-  redis.call('HSET', KEYS[1], 'enqueued', '1')
-  return 'enqueue'
-end
-return 'ok'
-"""
-)
-
-# KEYS: reservation; ARGV: holder. Compare-and-delete.
-RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-def image_url(job_id: str, index: int) -> str:
-    return f"/images/{job_id}/{index}.png"
-
-
-def adapter_url(name: str) -> str:
-    return f"/adapters/{name}"
 
 
 @dataclass
@@ -265,15 +129,15 @@ class JobStore:
         )
 
     def get(self, job_id: str) -> dict | None:
-        raw = self.r.hgetall(job_key(job_id))
+        raw = cast(dict[str, str], self.r.hgetall(job_key(job_id)))
         return decode_job(raw) if raw else None
 
-    def list(self, *, kind: str | None = None, state: str | None = None, limit: int = 50) -> list[dict]:
+    def list_jobs(self, *, kind: str | None = None, state: str | None = None, limit: int = 50) -> list[dict]:
         """Newest first; filters are applied while paging through the index, so the scan stops at `limit`."""
         out: list[dict] = []
         start, page = 0, max(limit, 100)
         while len(out) < limit:
-            ids = self.r.zrevrange(INDEX_KEY, start, start + page - 1)
+            ids = cast(list[str], self.r.zrevrange(INDEX_KEY, start, start + page - 1))
             if not ids:
                 break
             p = self.r.pipeline(transaction=False)
@@ -298,10 +162,10 @@ class JobStore:
     def counts(self) -> dict[tuple[str, str], int]:
         """Jobs by (kind, state): live ones counted from the active set, ended ones from the stats counters."""
         counts = {(k, s): 0 for k in KINDS for s in STATES}
-        for field, value in self.r.hgetall(STATS_KEY).items():
+        for field, value in cast(dict[str, str], self.r.hgetall(STATS_KEY)).items():
             k, _, s = field.partition(":")
             counts[(k, s)] = int(value)
-        ids = list(self.r.smembers(ACTIVE_KEY))
+        ids = self.active_ids()
         p = self.r.pipeline(transaction=False)
         for job_id in ids:
             p.hmget(job_key(job_id), "kind", "state")
@@ -315,7 +179,7 @@ class JobStore:
         key = ADAPTER_RESERVATION + name
         if self.r.set(key, job_id, nx=True):
             return True
-        holder = self.r.get(key)
+        holder = cast(str | None, self.r.get(key))
         job = self.get(holder) if holder else None
         if job is not None and job["state"] not in TERMINAL:
             return False
@@ -341,7 +205,7 @@ class JobStore:
     def heartbeat(self, job_id: str, worker: str) -> bool:
         return bool(self._heartbeat(keys=[job_key(job_id)], args=[worker]))
 
-    def event_commands(self, job_id: str, events: list[tuple[str, dict]], extra: list[tuple] = ()) -> list[tuple]:
+    def event_commands(self, job_id: str, events: list[tuple[str, dict]], extra: Sequence[tuple] = ()) -> list[tuple]:
         """Commands that append `events` (the last progress one is also recorded in the job), then `extra`, then
         read the job's cancel / owner / state fields (always the last reply)."""
         commands: list[tuple] = []
@@ -363,7 +227,9 @@ class JobStore:
         channel = EventChannel(self, job_id, worker)
         try:
             channel.send(events)
-            return channel.receive()
+            flags = channel.receive()
+            assert flags is not None  # a batch was just sent
+            return flags
         finally:
             channel.close()
 
@@ -387,86 +253,7 @@ class JobStore:
         )
 
     def active_ids(self) -> list[str]:
-        return list(self.r.smembers(ACTIVE_KEY))
-
-
-class EventChannel:
-    """A running job's events, pipelined over one connection of its own.
-
-    `send` writes a batch and returns without waiting for Redis; `receive` reads that batch's replies, the last
-    of which are the job's cancel / owner fields. A worker sends after a step and receives during the next one,
-    when the replies have long arrived, so its compute loop does not wait on round trips. At most one batch is
-    in flight: `send` first receives the previous one, so replies never get out of step with their commands.
-    A command Redis refused (OOM, READONLY, ...) is logged; the flags are still read. A broken connection is
-    dropped and raises; the next `send` opens another.
-    """
-
-    READ_TIMEOUT_S = 30.0  # replies are normally there already; this only bounds a Redis that hangs
-
-    def __init__(self, store: JobStore, job_id: str, worker: str):
-        self.store, self.job_id, self.worker = store, job_id, worker
-        self._conn = None
-        self._in_flight = 0  # replies still to read
-
-    def send(self, events: list[tuple[str, dict]], extra: list[tuple] = ()) -> tuple[bool, bool] | None:
-        """Write a batch; returns the previous batch's outcome (see `receive`) if one was still in flight."""
-        try:
-            previous = self.receive()
-        except redis.RedisError:  # its connection is gone; this batch goes on a new one
-            previous = None
-        commands = self.store.event_commands(self.job_id, events, extra)
-        if self._conn is None:
-            self._conn = self.store.r.connection_pool.get_connection()
-        try:
-            self._conn.send_packed_command(self._conn.pack_commands(commands))
-        except BaseException:
-            self._drop()
-            raise
-        self._in_flight = len(commands)
-        return previous
-
-    def receive(self) -> tuple[bool, bool] | None:
-        """The last batch's outcome: (cancel requested, still owned by this worker); None if none is in flight."""
-        if not self._in_flight:
-            return None
-        replies = []
-        try:
-            for _ in range(self._in_flight):
-                try:
-                    replies.append(self._conn.read_response(timeout=self.READ_TIMEOUT_S))
-                except redis.ResponseError as e:  # one command failed; the others' replies still follow
-                    replies.append(e)
-        except BaseException:
-            self._drop()
-            raise
-        finally:
-            self._in_flight = 0
-        failed = [r for r in replies[:-1] if isinstance(r, Exception)]
-        if failed:
-            log.warning("job %s: Redis refused %d of %d event commands: %s", self.job_id, len(failed),
-                        len(replies) - 1, failed[0])
-        if isinstance(replies[-1], Exception):
-            raise replies[-1]
-        cancel, owner, state = replies[-1]
-        return cancel == "1", owner == self.worker and state == "running"
-
-    def close(self) -> None:
-        if self._conn is None:
-            return
-        try:
-            self.receive()
-        except Exception:  # noqa: BLE001 - closing: the connection is dropped anyway
-            pass
-        if self._conn is not None:
-            self.store.r.connection_pool.release(self._conn)
-            self._conn = None
-
-    def _drop(self) -> None:
-        self._in_flight = 0
-        if self._conn is not None:
-            self._conn.disconnect()
-            self.store.r.connection_pool.release(self._conn)
-            self._conn = None
+        return list(cast(set[str], self.r.smembers(ACTIVE_KEY)))
 
 
 def decode_job(raw: dict[str, str]) -> dict:

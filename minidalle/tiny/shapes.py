@@ -2,9 +2,9 @@
 
 "a red circle on a blue background" — 8 colours x 4 shapes x 7 backgrounds (the shape colour is never the
 background colour) = 224 combinations. A fixed 15 % of them is held out: never drawn for training, used by
-`minidalle.evaluate` to measure whether the model composes words it has only seen apart.
+`minidalle.tiny.evaluate` to measure whether the model composes words it has only seen apart.
 
-Shapes have integer sizes and positions so that the judge (`minidalle.judge`) can match real images exactly.
+Shapes have integer sizes and positions so that the judge (`minidalle.tiny.judge`) can match real images exactly.
 Everything is seeded and deterministic (numpy Generator, no global state).
 """
 
@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
+
+from minidalle.errors import InvalidInput
 
 # Colours far apart in RGB (min pairwise distance ~80) so the nearest-palette rule is unambiguous.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -104,7 +106,7 @@ def heldout_combos() -> tuple[Combo, ...]:
 
 def _check_resolution(resolution: int) -> None:
     if not isinstance(resolution, int) or resolution < 16:
-        raise ValueError(f"resolution must be an int >= 16, got {resolution!r}")
+        raise InvalidInput("resolution", f"must be an int >= 16, got {resolution!r}")
 
 
 def size_range(resolution: int) -> tuple[int, int]:
@@ -121,7 +123,7 @@ def margin(resolution: int) -> int:
 def coverage(shape: str, size: int) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] of `shape` drawn in a size x size box. (size, size) float32."""
     if shape not in SHAPES:
-        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+        raise InvalidInput("shape", f"must be one of {SHAPES}, got {shape!r}")
     n = size * SUPERSAMPLE
     # sample centres in box coordinates [0, 1]
     t = (np.arange(n) + 0.5) / n
@@ -159,7 +161,7 @@ def render(
     _check_resolution(resolution)
     for name, value in (("shape_color", shape_color), ("background_color", background_color)):
         if value not in PALETTE:
-            raise ValueError(f"{name} must be one of {COLORS}, got {value!r}")
+            raise InvalidInput(name, f"must be one of {COLORS}, got {value!r}")
     if not (0 <= x and 0 <= y and x + size <= resolution and y + size <= resolution and size > 0):
         raise ValueError(f"shape box (x={x}, y={y}, size={size}) does not fit in {resolution} px")
     fg = np.array(PALETTE[shape_color], dtype=np.float32)
@@ -191,7 +193,7 @@ def _combos_for(split: str) -> tuple[Combo, ...]:
         return train_combos()
     if split == "heldout":
         return heldout_combos()
-    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    raise InvalidInput("split", f"must be 'train' or 'heldout', got {split!r}")
 
 
 def make_dataset(
@@ -199,7 +201,7 @@ def make_dataset(
 ) -> tuple[np.ndarray, list[Combo]]:
     """`n` images (n, resolution, resolution, 3) uint8 and their combos, drawn uniformly over the split."""
     if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+        raise InvalidInput("n", f"must be a non-negative int, got {n!r}")
     combos = _combos_for(split)
     _check_resolution(resolution)
     rng = np.random.default_rng(seed)
@@ -238,11 +240,11 @@ def concept_dataset(
 ) -> tuple[np.ndarray, list[str]]:
     """`n` images of the concept on varied backgrounds, captioned with the invented word."""
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+        raise InvalidInput("n", f"must be a positive int, got {n!r}")
     if concept.shape not in SHAPES:
-        raise ValueError(f"concept.shape must be one of {SHAPES}, got {concept.shape!r}")
+        raise InvalidInput("concept.shape", f"must be one of {SHAPES}, got {concept.shape!r}")
     if concept.shape_color not in PALETTE:
-        raise ValueError(f"concept.shape_color must be one of {COLORS}, got {concept.shape_color!r}")
+        raise InvalidInput("concept.shape_color", f"must be one of {COLORS}, got {concept.shape_color!r}")
     rng = np.random.default_rng(seed)
     backgrounds = [b for b in BACKGROUNDS if b != concept.shape_color]
     images = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
@@ -266,30 +268,3 @@ def write_concept_imagefolder(
         reg, combos = make_dataset(n_regular, seed=seed + 1, split="train", resolution=resolution)
         items += [(img, c.caption) for img, c in zip(reg, combos, strict=True)]
     return _write(out_dir, items)
-
-
-def shapes_main(argv: list[str] | None = None) -> int:
-    """`minidalle shapes --out DIR [--n N] [--seed S] [--split train|heldout|concept] [--resolution R]`"""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="minidalle shapes", description="Write the shapes dataset as an imagefolder.")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--n", type=int, default=1000, help="number of images")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split", choices=("train", "heldout", "concept"), default="train",
-                    help="concept: images of the invented word 'zorb' (an orange cross) for LoRA fine-tuning")
-    ap.add_argument("--resolution", type=int, default=32)
-    args = ap.parse_args(argv)
-    try:
-        if args.split == "concept":
-            out = write_concept_imagefolder(args.out, args.n, seed=args.seed, resolution=args.resolution)
-        else:
-            out = write_imagefolder(args.out, args.n, seed=args.seed, split=args.split, resolution=args.resolution)
-    except ValueError as e:
-        ap.error(str(e))
-    print(f"wrote {args.n} images + metadata.jsonl to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(shapes_main())

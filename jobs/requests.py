@@ -1,0 +1,140 @@
+"""The request bodies of `POST /generate` and `POST /finetune`: validated by the API, stored in the job record, read
+back by the worker. Torch-free.
+
+Each field's default, bounds and description come from `minidalle.params` (the library's one definition); the API's
+spelling of a field is its `api` name there (`num_images` for the library's `num_images_per_prompt`). The worker
+turns a request into library arguments with `pipeline_kwargs` / `train_kwargs`: the one place the two vocabularies
+meet. Operator caps (`max_steps`, `max_train_steps`, ...) are the API's settings, checked in its routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jobs.volume import ID_PATTERN
+from minidalle.params import ADAPTER_NAME_PATTERN, FINETUNE, GENERATE, Finetune, Generate, Param
+
+MAX_PROMPT_CHARS = 4000  # far above any text encoder's token limit; the tokenizer's count is checked too
+
+
+def field(p: Param, **overrides: Any) -> Any:
+    """A pydantic Field with the parameter's default, bounds and help."""
+    spec: dict[str, Any] = dict(default=p.default if p.max_items is None else list(p.default), description=p.help,
+                                ge=p.ge, gt=p.gt, le=p.le, lt=p.lt, multiple_of=p.multiple_of)
+    if p.max_items is not None:
+        spec.update(default_factory=lambda: list(p.default), max_length=p.max_items)
+        del spec["default"]
+    spec.update(overrides)
+    return Field(**{k: v for k, v in spec.items() if v is not None or k == "default"})
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _choice(p: Param, value: str | None) -> str | None:
+    if value is not None and value not in (p.choices or ()):
+        raise ValueError(f"unknown {p.name} {value!r}; choose one of {', '.join(p.choices or ())}")
+    return value
+
+
+class AdapterRef(_Body):
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="An adapter listed by GET /adapters.")
+    scale: float = field(Generate.adapter_scale)
+
+
+class GenerateRequest(_Body):
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a red circle on a blue background", "negative_prompt": "blurry", "num_images": 2,
+                 "num_inference_steps": 20, "guidance_scale": 7.5, "seed": 42, "scheduler": "dpmpp_2m",
+                 "adapters": [{"name": "my-style", "scale": 0.8}]}
+            ]
+        },
+    )
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    num_images: int = field(Generate.num_images_per_prompt)
+    num_inference_steps: int = field(Generate.num_inference_steps)
+    guidance_scale: float = field(Generate.guidance_scale)
+    seed: int | None = field(Generate.seed, strict=True)
+    width: int | None = field(Generate.width)
+    height: int | None = field(Generate.height)
+    scheduler: str | None = field(Generate.scheduler)
+    adapters: list[AdapterRef] = Field(default_factory=list, max_length=Generate.max_adapters)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str | None) -> str | None:
+        return _choice(Generate.scheduler, v)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """`MiniDallePipeline.__call__` keywords (adapters as (name, scale) pairs; the caller resolves names)."""
+        out: dict[str, Any] = {"prompt": self.prompt, "negative_prompt": self.negative_prompt}
+        for name, p in GENERATE.items():
+            if p.api_name in type(self).model_fields:
+                out[name] = getattr(self, p.api_name)
+        out["adapters"] = [(a.name, a.scale) for a in self.adapters]
+        return out
+
+
+class FinetuneRequest(_Body):
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {"name": "my-style", "dataset_id": "0f8b5c2e9d7a4b1c8e3f6a5d4c3b2a19", "steps": 500,
+                 "learning_rate": 1e-4, "rank": 8, "alpha": 16, "validation_prompts": ["a red circle"],
+                 "checkpoint_every": 100}
+            ]
+        },
+    )
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="Name of the adapter this job publishes.")
+    dataset_id: str | None = Field(None, pattern=ID_PATTERN, description="From POST /datasets.")
+    steps: int = field(Finetune.steps)
+    learning_rate: float = field(Finetune.learning_rate)
+    lr_scheduler: str = field(Finetune.lr_scheduler)
+    lr_warmup_steps: int = field(Finetune.lr_warmup_steps)
+    rank: int = field(Finetune.rank)
+    alpha: float = field(Finetune.alpha)
+    dropout: float = field(Finetune.dropout)
+    batch_size: int = field(Finetune.batch_size)
+    grad_accum: int = field(Finetune.grad_accum)
+    resolution: int | None = field(Finetune.resolution)
+    train_prior: bool = field(Finetune.train_prior)
+    caption_dropout: float = field(Finetune.caption_dropout)
+    random_flip: bool = field(Finetune.random_flip)
+    checkpoint_every: int | None = field(Finetune.checkpoint_every)
+    validation_prompts: list[str] = field(Finetune.validation_prompts)
+    seed: int = field(Finetune.seed)
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_lr_scheduler(cls, v: str) -> str:
+        return _choice(Finetune.lr_scheduler, v) or v
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """`TrainConfig` keywords for the training fields (paths, model and resume are the worker's)."""
+        return {name: getattr(self, p.api_name) for name, p in FINETUNE.items() if p.api_name}
+
+
+def api_name(library_field: str) -> str:
+    """The API's name for a library field (an InvalidInput's `field`), e.g. num_images_per_prompt -> num_images."""
+    head, dot, rest = library_field.partition(".")
+    p = GENERATE.get(head) or FINETUNE.get(head)
+    return (p.api_name or head) + dot + rest if p is not None else library_field

@@ -1,0 +1,124 @@
+"""The tiny-shapes rig's subcommands: `minidalle shapes | train-base | eval | build-tiny`.
+
+Each parses its own arguments (with the CLI's one-line errors) and calls `minidalle.tiny`, which holds the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from minidalle.cli.parsing import Parser, float_in, int_in
+
+
+def shapes_main(argv: list[str] | None = None) -> int:
+    """`minidalle shapes --out DIR [--n N] [--seed S] [--split train|heldout|concept] [--resolution R]`"""
+    from minidalle.tiny.shapes import write_concept_imagefolder, write_imagefolder
+
+    ap = Parser(prog="minidalle shapes", description="Write the shapes dataset as an imagefolder.")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--n", type=int_in(1, 10**7), default=1000, help="number of images")
+    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
+    ap.add_argument("--split", choices=("train", "heldout", "concept"), default="train",
+                    help="concept: images of the invented word 'zorb' (an orange cross) for LoRA fine-tuning")
+    ap.add_argument("--resolution", type=int_in(16, 1024), default=32)
+    args = ap.parse_args(argv)
+    if args.split == "concept":
+        out = write_concept_imagefolder(args.out, args.n, seed=args.seed, resolution=args.resolution)
+    else:
+        out = write_imagefolder(args.out, args.n, seed=args.seed, split=args.split, resolution=args.resolution)
+    print(f"wrote {args.n} images + metadata.jsonl to {out}")
+    return 0
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative ints, got {text!r}")
+    return seeds
+
+
+def _parse_adapter(text: str) -> tuple[str, float]:
+    ref, sep, scale = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return ref, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scale must be a number, got {text!r}") from None
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """`minidalle eval`: held-out prompt accuracy of a model, plus the judge's and the VAE's ceilings."""
+    from minidalle.tiny import evaluate as ev
+
+    ap = Parser(prog="minidalle eval", description=eval_main.__doc__)
+    ap.add_argument("--model", default=None, help="model folder or hub id (default: the embedded model)")
+    ap.add_argument("--adapter", action="append", default=[], type=_parse_adapter, metavar="DIR_OR_NAME[:SCALE]",
+                    help="evaluate with this LoRA adapter active (repeatable)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    ap.add_argument("--seeds", type=_parse_seeds, default=ev.DEFAULT_SEEDS, help="comma-separated, e.g. 0,1,2,3")
+    ap.add_argument("--steps", type=int_in(1, 1000), default=ev.DEFAULT_STEPS)
+    ap.add_argument("--guidance", type=float_in(0, 50), default=ev.DEFAULT_GUIDANCE)
+    args = ap.parse_args(argv)
+    pipe = ev._load(args.model)
+    result = ev.evaluate(pipe, seeds=args.seeds, steps=args.steps, guidance=args.guidance, adapters=args.adapter,
+                         progress=not args.json)
+    if args.adapter:
+        result["adapters"] = [list(a) for a in args.adapter]
+    judge_real = ev.judge_dataset_accuracy()
+    ceiling = ev.vae_ceiling(pipe)
+    if args.json:
+        result.update(judge_real_accuracy=judge_real["all_accuracy"], vae_ceiling=ceiling)
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"model {result['model']}: {result['n_prompts']} held-out prompts x {len(args.seeds)} seeds, "
+              f"{args.steps} steps, guidance {args.guidance} ({result['seconds']} s)")
+        print(ev.format_table({"generated (held-out)": result, "VAE reconstructions": ceiling,
+                               "real images": judge_real}))
+    return 0
+
+
+def train_base_main(argv: list[str] | None = None) -> int:
+    """`minidalle train-base --out DIR [--seed N] [--steps N] [--vae-steps N] [--images N] [--minutes-budget M]`"""
+    from minidalle.tiny.base_training import BaseTrainConfig, train_base
+
+    ap = Parser(prog="minidalle train-base", description="Train the embedded tiny-shapes model from a seed, on CPU.")
+    ap.add_argument("--out", type=Path, required=True, help="model folder to write")
+    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
+    ap.add_argument("--steps", type=int_in(1, None), default=BaseTrainConfig.unet_steps,
+                    help="text encoder + UNet steps")
+    ap.add_argument("--vae-steps", type=int_in(1, None), default=BaseTrainConfig.vae_steps)
+    ap.add_argument("--images", type=int_in(1, None), default=BaseTrainConfig.n_images,
+                    help="training images to draw")
+    ap.add_argument("--batch-size", type=int_in(1, None), default=BaseTrainConfig.batch_size)
+    ap.add_argument("--minutes-budget", type=float_in(0, 10**6, open_low=True), default=None,
+                    help="wall-clock cap on the UNet stage; stops early (not reproducible) when hit")
+    ap.add_argument("--threads", type=int_in(1, 1024), default=None,
+                    help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    cfg = BaseTrainConfig(out=args.out, seed=args.seed, unet_steps=args.steps, vae_steps=args.vae_steps,
+                          n_images=args.images, batch_size=args.batch_size, minutes_budget=args.minutes_budget,
+                          threads=args.threads)
+    result = train_base(cfg)
+    t = result["timings"]
+    print(f"train-base: {result['out']}  data {t['data_s']:.0f}s  vae {t['vae_s']:.0f}s  "
+          f"unet+text {t['unet_s']:.0f}s  total {t['total_s'] / 60:.1f} min")
+    return 0
+
+
+def build_tiny_main(argv: list[str] | None = None) -> int:
+    """`minidalle build-tiny [--out DIR] [--seed N]`: rebuild the random-weight embedded model (bit for bit)."""
+    from minidalle.embedded import TINY_RANDOM
+    from minidalle.tiny.build import write_tiny_random
+
+    ap = Parser(prog="minidalle build-tiny", description="Rebuild the random-weight embedded tiny model.")
+    ap.add_argument("--out", type=Path, default=TINY_RANDOM, help="folder to write (default: the packaged one)")
+    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
+    args = ap.parse_args(argv)
+    print(write_tiny_random(args.out, args.seed))
+    return 0
