@@ -19,6 +19,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from minidalle.errors import InvalidInput
 from minidalle.params import ADAPTER_NAME_PATTERN, ADAPTER_NAME_RE
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -66,7 +67,7 @@ def adapter_links(name: str) -> dict[str, str]:
 
 # -- paths ---------------------------------------------------------------------------------------------------------
 class Volume:
-    """Paths on the data volume. Methods that take an id or a name check it first (ValueError when malformed)."""
+    """Paths on the data volume. Methods that take an id or a name check it first (InvalidInput when malformed)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -105,7 +106,7 @@ class Volume:
 
     def image(self, job_id: str, index: int) -> Path:
         if index < 0:
-            raise ValueError(f"index: must be >= 0, got {index}")
+            raise InvalidInput("index", f"must be >= 0, got {index}")
         return self.job(job_id) / "images" / f"{index}.png"
 
     def validation_image(self, job_id: str, tag: str, filename: str) -> Path | None:
@@ -117,7 +118,7 @@ class Volume:
 
 def _checked(text: str, ok, what: str) -> str:
     if not isinstance(text, str) or not ok(text):
-        raise ValueError(f"{what}: {text!r} is not a valid {what}")
+        raise InvalidInput(what, f"{text!r} is not a valid {what}")
     return text
 
 

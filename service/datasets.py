@@ -26,6 +26,8 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from minidalle.errors import InvalidInput
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "MPO"}
 CAPTION_EXT = ".txt"
@@ -34,12 +36,13 @@ INFO_FILE = "dataset.json"
 CHUNK = 1 << 20
 
 
-class UploadRejected(Exception):
-    """A bad upload: `status` for the HTTP answer, `message` names the field and the offending member."""
+class UploadRejected(InvalidInput):
+    """A bad upload (a 422 for the upload's field, `file`); the message names the offending member."""
 
-    def __init__(self, message: str, *, status: int = 422, field: str = "file"):
-        super().__init__(message)
-        self.status, self.field, self.message = status, field, message
+    status = 422
+
+    def __init__(self, message: str, *, field: str = "file"):
+        super().__init__(field, message)
 
 
 @dataclass
@@ -63,17 +66,17 @@ def _member_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
     mode = info.external_attr >> 16
     kind = stat.S_IFMT(mode)
     if kind == stat.S_IFLNK:
-        raise UploadRejected(f"file: member {name!r} is a symbolic link; links are not allowed")
+        raise UploadRejected(f"member {name!r} is a symbolic link; links are not allowed")
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-        raise UploadRejected(f"file: member {name!r} is not a regular file")
+        raise UploadRejected(f"member {name!r} is not a regular file")
     if "\x00" in name:
-        raise UploadRejected(f"file: member {name!r} has a NUL byte in its name")
+        raise UploadRejected(f"member {name!r} has a NUL byte in its name")
     norm = name.replace("\\", "/")
     if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
-        raise UploadRejected(f"file: member {name!r} has an absolute path")
+        raise UploadRejected(f"member {name!r} has an absolute path")
     parts = [p for p in norm.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UploadRejected(f"file: member {name!r} points outside the archive ('..')")
+        raise UploadRejected(f"member {name!r} points outside the archive ('..')")
     if info.is_dir() or kind == stat.S_IFDIR or not parts:
         return None
     return PurePosixPath(*parts)
@@ -91,18 +94,18 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budge
     try:
         out = open(target, "xb")  # exclusive: a duplicate member name can't overwrite
     except FileExistsError as e:
-        raise UploadRejected(f"file: member {info.filename!r} appears twice in the archive") from e
+        raise UploadRejected(f"member {info.filename!r} appears twice in the archive") from e
     try:
         with out, zf.open(info) as src:
             while chunk := src.read(CHUNK):
                 written += len(chunk)
                 if written > info.file_size or written > budget:
-                    raise UploadRejected(f"file: member {info.filename!r} expands beyond its declared size "
+                    raise UploadRejected(f"member {info.filename!r} expands beyond its declared size "
                                          "or the archive's size limit")
                 out.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
         # a lying size header ends in a CRC error here; encrypted or exotic compression: not for us either
-        raise UploadRejected(f"file: member {info.filename!r} is corrupt or unsupported ({e})") from e
+        raise UploadRejected(f"member {info.filename!r} is corrupt or unsupported ({e})") from e
     return written
 
 
@@ -113,18 +116,18 @@ def _check_image(path: Path, name: str, max_pixels: int) -> None:
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise UploadRejected(f"file: member {name!r} is {w}x{h} = {w * h} pixels; at most "
+                    raise UploadRejected(f"member {name!r} is {w}x{h} = {w * h} pixels; at most "
                                          f"{max_pixels} are allowed (decompression bomb?)")
                 if im.format not in IMAGE_FORMATS:
-                    raise UploadRejected(f"file: member {name!r} is a {im.format} image; use PNG, JPEG, WEBP or BMP")
+                    raise UploadRejected(f"member {name!r} is a {im.format} image; use PNG, JPEG, WEBP or BMP")
                 im.load()  # decode it all: truncated or corrupt data fails here, not in the trainer
     except UploadRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UploadRejected(f"file: member {name!r} is a decompression bomb ({e})") from e
+        raise UploadRejected(f"member {name!r} is a decompression bomb ({e})") from e
     except Exception as e:  # any decoder error means "not a valid image"
         reason = str(e).replace(str(path), name)  # Pillow names the file: the member, not our temp path
-        raise UploadRejected(f"file: member {name!r} is not a valid image ({type(e).__name__}: {reason})") from e
+        raise UploadRejected(f"member {name!r} is not a valid image ({type(e).__name__}: {reason})") from e
 
 
 def _read_metadata(path: Path, rel: PurePosixPath, images: set[PurePosixPath]) -> dict[PurePosixPath, str]:
@@ -132,20 +135,20 @@ def _read_metadata(path: Path, rel: PurePosixPath, images: set[PurePosixPath]) -
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise UploadRejected(f"file: member {str(rel)!r} is not UTF-8 text") from e
+        raise UploadRejected(f"member {str(rel)!r} is not UTF-8 text") from e
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UploadRejected(f"file: member {str(rel)!r} line {n}: invalid JSON ({e.msg})") from e
+            raise UploadRejected(f"member {str(rel)!r} line {n}: invalid JSON ({e.msg})") from e
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(
                 row.get("text"), str):
-            raise UploadRejected(f"file: member {str(rel)!r} line {n}: needs string fields 'file_name' and 'text'")
+            raise UploadRejected(f"member {str(rel)!r} line {n}: needs string fields 'file_name' and 'text'")
         img = rel.parent / PurePosixPath(row["file_name"].replace("\\", "/"))
         if img not in images:
-            raise UploadRejected(f"file: member {str(rel)!r} line {n}: file_name {row['file_name']!r} is not an "
+            raise UploadRejected(f"member {str(rel)!r} line {n}: file_name {row['file_name']!r} is not an "
                                  "image in the archive")
         captions[img] = row["text"]
     return captions
@@ -156,7 +159,7 @@ def extract_dataset(upload: BinaryIO, datasets_dir: Path, dataset_id: str, limit
     try:
         zf = zipfile.ZipFile(upload)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UploadRejected(f"file: not a zip archive ({e})") from e
+        raise UploadRejected(f"not a zip archive ({e})") from e
     datasets_dir.mkdir(parents=True, exist_ok=True)
     tmp = datasets_dir / f".incoming-{dataset_id}"
     try:
@@ -173,10 +176,10 @@ def extract_dataset(upload: BinaryIO, datasets_dir: Path, dataset_id: str, limit
 def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) -> Extracted:
     infos = zf.infolist()
     if len(infos) > limits.max_members:
-        raise UploadRejected(f"file: the archive has {len(infos)} members; at most {limits.max_members} are allowed")
+        raise UploadRejected(f"the archive has {len(infos)} members; at most {limits.max_members} are allowed")
     declared = sum(i.file_size for i in infos)
     if declared > limits.max_uncompressed_bytes:
-        raise UploadRejected(f"file: the archive expands to {declared} bytes; at most "
+        raise UploadRejected(f"the archive expands to {declared} bytes; at most "
                              f"{limits.max_uncompressed_bytes} are allowed")
     members, notes = _classify(infos)
     # 1. copy, counting real bytes
@@ -186,12 +189,12 @@ def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) ->
     for info, rel, _ in members:
         target = tmp.joinpath(*rel.parts)
         if not target.resolve().is_relative_to(root):  # belt and braces on top of the name checks
-            raise UploadRejected(f"file: member {info.filename!r} points outside the dataset folder")
+            raise UploadRejected(f"member {info.filename!r} points outside the dataset folder")
         budget -= _copy_member(zf, info, target, budget)
     # 2. every image decodes
     images = {rel for _, rel, kind in members if kind == "image"}
     if not images:
-        raise UploadRejected("file: the archive contains no images")
+        raise UploadRejected("the archive contains no images")
     for info, rel, kind in members:
         if kind == "image":
             _check_image(tmp.joinpath(*rel.parts), info.filename, limits.max_image_pixels)
@@ -220,13 +223,13 @@ def _classify(infos: list[zipfile.ZipInfo]) -> tuple[list[tuple[zipfile.ZipInfo,
         elif suffix == CAPTION_EXT:
             kind = "caption"
         else:
-            raise UploadRejected(f"file: member {info.filename!r} is not an image ({', '.join(sorted(IMAGE_EXTS))}), "
+            raise UploadRejected(f"member {info.filename!r} is not an image ({', '.join(sorted(IMAGE_EXTS))}), "
                                  f"a caption (.txt) or {METADATA_FILE}")
         members.append((info, rel, kind))
     members = _strip_common_folder(members)
     for info, _rel, kind in members:
         if kind == "nested-metadata":
-            raise UploadRejected(f"file: member {info.filename!r}: {METADATA_FILE} must be at the top of the "
+            raise UploadRejected(f"member {info.filename!r}: {METADATA_FILE} must be at the top of the "
                                  "archive (next to the images it lists)")
     return members, [f"ignored {ignored} hidden or __MACOSX member(s)"] if ignored else []
 
@@ -238,12 +241,12 @@ def _finish_kohya(tmp: Path, dataset_id: str, members: list, images: set[PurePos
     for img in sorted(images):
         cap = img.with_suffix(CAPTION_EXT)
         if cap not in captions:
-            raise UploadRejected(f"file: member {str(img)!r} has no caption; add {str(cap)!r} or a line in "
+            raise UploadRejected(f"member {str(img)!r} has no caption; add {str(cap)!r} or a line in "
                                  f"{METADATA_FILE}")
         try:
             text = tmp.joinpath(*cap.parts).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise UploadRejected(f"file: member {captions[cap]!r} is not UTF-8 text") from e
+            raise UploadRejected(f"member {captions[cap]!r} is not UTF-8 text") from e
         if not text.strip():
             notes.append(f"image {str(img)!r} has an empty caption")
     used = {img.with_suffix(CAPTION_EXT) for img in images}

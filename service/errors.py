@@ -13,6 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
+from jobs.requests import api_name
+from minidalle.errors import InvalidInput
+
 log = logging.getLogger(__name__)
 # Redis holds the job records and the queue: without it no request that touches a job can be served.
 STORE_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
@@ -22,6 +25,12 @@ def invalid(field: str, msg: str, value: Any = None, *, where: str = "body") -> 
     """A 422 for one field; `field` may be dotted (`adapters.0.name`) and is repeated at the start of `msg`."""
     loc = (where, *[int(p) if p.isdigit() else p for p in field.split(".")])
     return RequestValidationError([{"type": "value_error", "loc": loc, "msg": f"{field}: {msg}", "input": value}])
+
+
+async def invalid_input(request: Request, exc: Exception) -> JSONResponse:
+    """A library / contract InvalidInput raised while handling a request: a 422 naming its field (the API's name)."""
+    assert isinstance(exc, InvalidInput)  # registered for that class only
+    return await validation_failed(request, invalid(api_name(exc.field), exc.message))
 
 
 def not_found(what: str) -> HTTPException:

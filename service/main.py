@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from jobs.queue import make_app
 from jobs.store import JobStore, blocking_client
-from service.errors import STORE_DOWN, store_unavailable, validation_failed
+from minidalle.errors import InvalidInput
+from service.errors import STORE_DOWN, invalid_input, store_unavailable, validation_failed
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.model_info import get_model_info
 from service.routes import datasets, files, finetune, generate, health, jobs
@@ -58,6 +59,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     for exc in STORE_DOWN:
         app.add_exception_handler(exc, store_unavailable)
     app.add_exception_handler(RequestValidationError, validation_failed)
+    app.add_exception_handler(InvalidInput, invalid_input)
 
     upload_limit = settings.max_upload_bytes + (1 << 20)  # multipart framing and the other form fields
 

@@ -81,7 +81,13 @@ def _finetune(run: JobRun) -> dict:
     if not _finished_adapter(out_dir, req.steps):
         config = TrainConfig(dataset_dir=str(dataset_dir), output_dir=str(out_dir), work_dir=str(job_dir),
                              model=settings.model or None, resume=True, **req.train_kwargs())
-        train(config, on_progress=lambda event: _train_event(run, job_dir, event), pipeline=get_pipeline(settings))
+        try:
+            train(config, on_progress=lambda event: _train_event(run, job_dir, event),
+                  pipeline=get_pipeline(settings))
+        except InvalidInput as e:
+            if e.field != "dataset_dir":
+                raise
+            raise e.renamed("dataset_id") from e  # the client named a dataset id, not a folder
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         raise InvalidInput("name", f"adapter {req.name!r} already exists; this job's adapter is kept until the job "

@@ -30,9 +30,7 @@ async def ingest(upload: StarletteUpload, settings) -> Extracted:
         return await run_in_threadpool(extract_dataset, upload.file, Volume(settings.data_dir).datasets, new_id(),
                                        limits)
     except UploadRejected as e:
-        if e.status == 422:
-            raise invalid(e.field, e.message.removeprefix(f"{e.field}: "), upload.filename) from e
-        raise HTTPException(e.status, e.message) from e
+        raise invalid(e.field, e.message, upload.filename) from e
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetInfo, responses=UPLOAD_RESPONSES)

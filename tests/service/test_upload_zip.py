@@ -24,14 +24,14 @@ def _extract(tmp_path: Path, data: bytes, limits: Limits = LIMITS):
 def _rejected(tmp_path: Path, data: bytes, limits: Limits = LIMITS) -> str:
     with pytest.raises(UploadRejected) as e:
         _extract(tmp_path, data, limits)
-    assert e.value.status == 422
-    assert e.value.message.startswith("file: ")
+    assert e.value.status == 422 and e.value.field == "file"
+    assert str(e.value).startswith("file: ")
     # a rejected upload leaves nothing behind, and nothing was written outside the datasets folder
     assert not (tmp_path / "datasets" / ID).exists()
     if (tmp_path / "datasets").exists():
         assert list((tmp_path / "datasets").iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["datasets"])
-    return e.value.message
+    return str(e.value)
 
 
 def test_kohya_pairs_extracted_with_warnings(tmp_path):
