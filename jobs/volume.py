@@ -104,6 +104,17 @@ class Volume:
     def job(self, job_id: str) -> Path:
         return self.jobs / _checked(job_id, is_id, "job_id")
 
+    def checkpoints(self, job_id: str) -> Path:
+        """Where a fine-tune's trainer (work_dir = the job's folder) keeps its checkpoints."""
+        return self.job(job_id) / "checkpoints"
+
+    def validation(self, job_id: str) -> Path:
+        return self.job(job_id) / "validation"
+
+    def unpublished_adapter(self, job_id: str) -> Path:
+        """A fine-tune's adapter as the trainer writes it, before it is renamed into adapters/{name}."""
+        return self.job(job_id) / "adapter"
+
     def image(self, job_id: str, index: int) -> Path:
         if index < 0:
             raise InvalidInput("index", f"must be >= 0, got {index}")

@@ -1,1 +1,2 @@
-"""The HTTP service (FastAPI). Never imports torch: model work happens in `worker/` processes."""
+"""The HTTP service (FastAPI) and `minidalle serve`. Never imports torch, nor `worker/`: jobs go through the
+contract in `jobs/`, model work happens in worker processes."""

@@ -1,5 +1,7 @@
 """Celery workers: the only place where the model (`minidalle`) meets the queue.
 
-`worker.celery_app`, `worker.jobs` and `worker.settings` never import torch (the API imports them to enqueue
-jobs); `worker.tasks` / `worker.runtime` load the model lazily, inside the worker process.
+`tasks` (thin task bodies: request → library call → files on the volume), `run` (one claimed run: heartbeat, events,
+stop checks, final state), `runtime` (the resident pipeline, loaded lazily in the worker process), `lifecycle`
+(presence, reconciler, janitor schedule), `janitor`, `health`. The job contract it shares with the API is `jobs/`;
+it never imports `service/`.
 """

@@ -69,20 +69,20 @@ def _finetune(run: JobRun) -> dict:
     dataset_dir = vol.dataset(req.dataset_id)
     volume.mark_used(dataset_dir)
     job_dir = vol.job(run.id)
-    out_dir = job_dir / "adapter"  # written by the trainer, renamed into adapters/{name} at the end
+    out_dir = vol.unpublished_adapter(run.id)  # written by the trainer, renamed into adapters/{name} at the end
     final = vol.adapter(req.name)
     result = {"adapter": volume.adapter_links(req.name)}
     marker = job_dir / "published"  # written just before the rename: "this job's adapter is (being) published"
     if marker.is_file():  # a re-delivery after this job published, or died between marker and rename
         if out_dir.is_dir() and not final.exists():
             os.rename(out_dir, final)
-        shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(vol.checkpoints(run.id), ignore_errors=True)
         return result
     if not _finished_adapter(out_dir, req.steps):
         config = TrainConfig(dataset_dir=str(dataset_dir), output_dir=str(out_dir), work_dir=str(job_dir),
                              model=settings.model or None, resume=True, **req.train_kwargs())
         try:
-            train(config, on_progress=lambda event: _train_event(run, job_dir, event),
+            train(config, on_progress=lambda event: _train_event(run, vol.validation(run.id), event),
                   pipeline=get_pipeline(settings))
         except InvalidInput as e:
             if e.field != "dataset_dir":
@@ -94,7 +94,7 @@ def _finetune(run: JobRun) -> dict:
                            "expires")
     marker.write_text(req.name)
     os.rename(out_dir, final)
-    shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # published: nothing left to resume
+    shutil.rmtree(vol.checkpoints(run.id), ignore_errors=True)  # published: nothing left to resume
     return result
 
 
@@ -105,7 +105,7 @@ def _finished_adapter(out_dir: Path, steps: int) -> bool:
         return False
 
 
-def _train_event(run: JobRun, job_dir: Path, event: dict) -> None:
+def _train_event(run: JobRun, validation_dir: Path, event: dict) -> None:
     kind = event.get("type")
     if kind == "progress":
         run.step_done()
@@ -116,6 +116,6 @@ def _train_event(run: JobRun, job_dir: Path, event: dict) -> None:
     elif kind == "validation":
         urls = []
         for p in event.get("images", []):
-            rel = Path(p).relative_to(job_dir / "validation")
+            rel = Path(p).relative_to(validation_dir)
             urls.append(volume.validation_url(run.id, rel.as_posix()))
         run.publish({"step": event["step"], "total": event["total"], "images": urls}, event="validation")
