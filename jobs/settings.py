@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from minidalle.embedded import default_model
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -34,6 +38,22 @@ class CommonSettings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     generate_time_limit_s: int = Field(15 * 60, ge=1)
     finetune_time_limit_s: int = Field(24 * 3600, ge=1)
+    # The name the model is known by in answers, PNG metadata and adapter.json (never a server path); empty: the
+    # folder's name or the hub id.
+    model_id: str = ""
+    # keys: every request needs `Authorization: Bearer <key>` (`minidalle keys create`); open: a request without a
+    # key acts as the built-in admin `anonymous` (`minidalle serve` on a loopback address, one trusted user).
+    auth: Literal["keys", "open"] = "keys"
+    # A deployment's first admin key (compose: from .env); the API creates it in Redis at start if missing.
+    admin_key: SecretStr | None = None
+    # Webhooks: targets on private, loopback or link-local addresses are refused unless listed here
+    # (comma-separated host names, IP addresses or CIDR networks, e.g. "127.0.0.1,10.0.0.0/8").
+    webhook_allow: str = ""
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_max_attempts: int = Field(8, ge=1)  # then the outcome says "failed"
+    webhook_backoff_s: float = Field(2.0, gt=0)  # first retry after this, doubling each time
+    # A worker refreshes its presence this often (TTL 3x), so /readyz sees a dead worker within seconds.
+    presence_interval_s: float = Field(1.0, gt=0)
 
     @property
     def broker_url(self) -> str:
@@ -43,6 +63,16 @@ class CommonSettings(BaseSettings):
     def visibility_timeout_s(self) -> int:
         # Above the longest time limit, or Redis would hand a still-running fine-tune to a second worker.
         return max(self.generate_time_limit_s, self.finetune_time_limit_s) + 3600
+
+    @property
+    def model_name(self) -> str:
+        """`model_id`, else the model folder's name or the hub id (the embedded default: its folder name)."""
+        if self.model_id:
+            return self.model_id
+        from minidalle.embedded import default_model  # torch-free
+
+        return Path(self.model.rstrip("/")).name if self.model and Path(self.model).is_dir() else \
+            (self.model or Path(default_model()).name)
 
     def time_limit_s(self, kind: str) -> int:
         return self.generate_time_limit_s if kind == "generate" else self.finetune_time_limit_s

@@ -91,8 +91,8 @@ def _on_worker_shutdown(**_):
 def _publish_presence() -> None:
     s = get_worker_settings()
     presence.publish(get_store().r, node_name(), {"queues": _state["queues"], "state": _state["phase"],
-                                                  "model": s.model or "embedded", "pid": os.getpid()},
-                     ttl_s=3 * s.heartbeat_interval_s)
+                                                  "model": s.model_name, "pid": os.getpid()},
+                     ttl_s=3 * s.presence_interval_s)
 
 
 def _presence_loop() -> None:
@@ -102,7 +102,7 @@ def _presence_loop() -> None:
             _publish_presence()
         except Exception:
             log.warning("could not publish worker presence", exc_info=True)
-        _stop.wait(s.heartbeat_interval_s)
+        _stop.wait(s.presence_interval_s)
 
 
 def _reconcile_loop() -> None:
