@@ -81,6 +81,20 @@ def _principal(raw: dict[str, str]) -> Principal:
                      Limits(**json.loads(raw.get("limits") or "{}")))
 
 
+def _checked(raw: dict[str, str], stored_hash: str | None, token_hash: str) -> Principal | None:
+    if not raw or raw.get("revoked") == "1" or not hmac.compare_digest(stored_hash or "", token_hash):
+        return None
+    return _principal(raw)
+
+
+async def authenticate_async(aredis, token: str) -> Principal | None:
+    """`KeyStore.authenticate` over an asyncio client (the API's), so a request never blocks the event loop."""
+    token_hash = digest(token)
+    raw = await aredis.hgetall(_record_key(token_hash))
+    stored = await aredis.hget(INDEX, raw["id"]) if raw.get("id") else None
+    return _checked(raw, stored, token_hash)
+
+
 class KeyStore:
     def __init__(self, client: redis.Redis):
         self.r = client
@@ -97,7 +111,7 @@ class KeyStore:
                   "created_at": repr(time.time()), "limits": json.dumps(asdict(limits or Limits())),
                   "webhook_secret": "whsec_" + secrets.token_urlsafe(24)}
         p = self.r.pipeline(transaction=True)
-        p.hset(_record_key(token_hash), mapping=record)
+        p.hset(_record_key(token_hash), mapping=cast(Any, record))
         p.hset(INDEX, key_id, token_hash)
         p.execute()
         return token, self._public(record)
@@ -116,12 +130,8 @@ class KeyStore:
         """The principal of a presented key; None when unknown or revoked."""
         token_hash = digest(token)
         raw = cast(dict[str, str], self.r.hgetall(_record_key(token_hash)))
-        if not raw or raw.get("revoked") == "1":
-            return None
-        stored = cast(str | None, self.r.hget(INDEX, raw["id"])) or ""
-        if not hmac.compare_digest(stored, token_hash):
-            return None
-        return _principal(raw)
+        stored = cast(str | None, self.r.hget(INDEX, raw["id"])) if raw.get("id") else None
+        return _checked(raw, stored, token_hash)
 
     def list(self) -> list[dict[str, Any]]:
         hashes = cast(dict[str, str], self.r.hgetall(INDEX))

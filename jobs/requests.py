@@ -19,6 +19,15 @@ from minidalle.params import ADAPTER_NAME_PATTERN, FINETUNE, GENERATE, Finetune,
 MAX_PROMPT_CHARS = 4000  # far above any text encoder's token limit; the tokenizer's count is checked too
 
 
+def _webhook_url() -> Any:
+    return Field(None, max_length=2048, description="POSTed (signed, Standard Webhooks) when the job ends; private "
+                 "and loopback addresses are refused unless the operator allows them.")
+
+
+def _webhook_progress() -> Any:
+    return Field(False, description="Also POST `job.progress` events while the job runs (best effort).")
+
+
 def field(p: Param, **overrides: Any) -> Any:
     """A pydantic Field with the parameter's default, bounds and help."""
     spec: dict[str, Any] = dict(default=p.default if p.max_items is None else list(p.default), description=p.help,
@@ -68,6 +77,8 @@ class GenerateRequest(_Body):
     height: int | None = field(Generate.height)
     scheduler: str | None = field(Generate.scheduler)
     adapters: list[AdapterRef] = Field(default_factory=list, max_length=Generate.max_adapters)
+    webhook_url: str | None = _webhook_url()
+    webhook_progress: bool = _webhook_progress()
 
     @field_validator("prompt")
     @classmethod
@@ -122,6 +133,8 @@ class FinetuneRequest(_Body):
     checkpoint_every: int | None = field(Finetune.checkpoint_every)
     validation_prompts: list[str] = field(Finetune.validation_prompts)
     seed: int = field(Finetune.seed)
+    webhook_url: str | None = _webhook_url()
+    webhook_progress: bool = _webhook_progress()
 
     @field_validator("lr_scheduler")
     @classmethod

@@ -6,7 +6,6 @@ lifetimes and time limits. The API's caps live in `service.settings`, the worker
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -69,7 +68,6 @@ class CommonSettings(BaseSettings):
         """`model_id`, else the model folder's name or the hub id (the embedded default: its folder name)."""
         if self.model_id:
             return self.model_id
-        from minidalle.embedded import default_model  # torch-free
 
         return Path(self.model.rstrip("/")).name if self.model and Path(self.model).is_dir() else \
             (self.model or Path(default_model()).name)

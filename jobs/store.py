@@ -22,7 +22,7 @@ from typing import Any, cast
 import redis
 
 from jobs.events import EventChannel
-from jobs.lua import CANCEL, CLAIM, FINISH, HEARTBEAT, RECONCILE, RELEASE, REQUEUE
+from jobs.lua import ADMIT, CANCEL, CLAIM, FINISH, HEARTBEAT, RECONCILE, RELEASE, REQUEUE
 from jobs.volume import new_id as new_job_id
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ WORKER_KEY = PREFIX + "worker:"
 RECONCILER_LOCK = PREFIX + "reconciler"
 JANITOR_LOCK = PREFIX + "janitor"
 ADAPTER_RESERVATION = PREFIX + "adapter-reserved:"
+QUEUED_KEY = PREFIX + "queued"  # hash "{kind}:jobs" / "{kind}:seconds": what waits in each queue (estimates)
+USAGE_ACTIVE_KEY = PREFIX + "usage:active"  # hash "{owner}:jobs" / "{owner}:seconds": each key's live jobs
+WEBHOOK_OUTBOX = PREFIX + "webhooks:outbox"  # job ids whose final state a webhook must announce (jobs.webhooks)
+UNLIMITED = float("inf")
 
 KINDS = ("generate", "finetune")
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -42,6 +46,35 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 def job_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
+
+
+def owner_index_key(owner: str) -> str:
+    return f"{PREFIX}jobs:owner:{owner}"
+
+
+def usage_key(owner: str) -> str:
+    """A key's totals: images, compute_s, finetune_steps (and jobs_{kind}_{state})."""
+    return f"{PREFIX}usage:{owner}"
+
+
+@dataclass
+class Admission:
+    """The outcome of `JobStore.admit`: ok, or why not (queue_full | key_jobs | key_seconds) with the seconds of
+    work waiting ahead (queue_full: the queue's; key_*: the key's own)."""
+
+    ok: bool
+    reason: str = ""
+    waiting_s: float = 0.0
+
+
+@dataclass
+class Bounds:
+    """What one admission may add up to (inf: no bound)."""
+
+    queued_jobs: float = UNLIMITED
+    queued_seconds: float = UNLIMITED
+    key_jobs: float = UNLIMITED
+    key_seconds: float = UNLIMITED
 
 
 def events_key(job_id: str) -> str:
@@ -84,6 +117,7 @@ class JobStore:
         self._finish = client.register_script(FINISH)
         self._cancel = client.register_script(CANCEL)
         self._claim = client.register_script(CLAIM)
+        self._admit = client.register_script(ADMIT)
         self._heartbeat = client.register_script(HEARTBEAT)
         self._requeue = client.register_script(REQUEUE)
         self._reconcile = client.register_script(RECONCILE)
@@ -94,28 +128,38 @@ class JobStore:
         return cls(blocking_client(settings.broker_url), ttl_s=settings.job_ttl_s, events_maxlen=settings.events_maxlen)
 
     # -- API side -----------------------------------------------------------------------------------------
-    def create(self, kind: str, request: dict, *, job_id: str | None = None) -> str:
-        """Write the record (state queued, not yet enqueued) and its `queued` event, before any enqueue."""
+    def create(self, kind: str, request: dict, *, job_id: str | None = None, owner: str = "anonymous",
+               estimate_s: float = 0.0) -> str:
+        """Write the record (state queued, not yet enqueued) and its `queued` event, before any enqueue; no bounds."""
         job_id = job_id or new_job_id()
-        now = time.time()
-        p = self.r.pipeline(transaction=True)
-        p.hset(
-            job_key(job_id),
-            mapping={
-                "id": job_id,
-                "kind": kind,
-                "state": "queued",
-                "request": json.dumps(request),
-                "created_at": repr(now),
-                "attempts": 0,
-                "enqueued": 0,
-            },
-        )
-        p.zadd(INDEX_KEY, {job_id: now})
-        p.sadd(ACTIVE_KEY, job_id)
-        p.xadd(events_key(job_id), {"type": "queued", "data": json.dumps({"kind": kind})}, maxlen=self.maxlen)
-        p.execute()
+        admission = self.admit(kind, request, job_id=job_id, owner=owner, estimate_s=estimate_s, bounds=Bounds())
+        assert admission.ok
         return job_id
+
+    def admit(self, kind: str, request: dict, *, job_id: str, owner: str, estimate_s: float, bounds: Bounds,
+              webhook_url: str | None = None, webhook_progress: bool = False) -> Admission:
+        """Create the job if the queue and the key have room for it (atomically: no race for the last place)."""
+        def num(x: float) -> str:
+            return "1e300" if x == UNLIMITED else repr(float(x))
+
+        reason, waiting = self._admit(
+            keys=[job_key(job_id), events_key(job_id), INDEX_KEY, ACTIVE_KEY, QUEUED_KEY, USAGE_ACTIVE_KEY,
+                  owner_index_key(owner)],
+            args=[job_id, kind, json.dumps(request), repr(time.time()), repr(float(estimate_s)), owner, self.maxlen,
+                  num(bounds.queued_jobs), num(bounds.queued_seconds), num(bounds.key_jobs), num(bounds.key_seconds),
+                  webhook_url or "", "1" if webhook_progress else "0"],
+        )
+        return Admission(reason == "ok", "" if reason == "ok" else reason, float(waiting or 0))
+
+    def queued(self, kind: str) -> tuple[int, float]:
+        """Jobs waiting in a kind's queue and their estimated seconds."""
+        jobs, secs = cast(list, self.r.hmget(QUEUED_KEY, f"{kind}:jobs", f"{kind}:seconds"))
+        return int(jobs or 0), float(secs or 0)
+
+    def active_usage(self, owner: str) -> tuple[int, float]:
+        """A key's queued + running jobs and their estimated seconds."""
+        jobs, secs = cast(list, self.r.hmget(USAGE_ACTIVE_KEY, f"{owner}:jobs", f"{owner}:seconds"))
+        return int(jobs or 0), float(secs or 0)
 
     def mark_enqueued(self, job_id: str) -> None:
         self.r.hset(job_key(job_id), "enqueued", 1)
@@ -124,7 +168,8 @@ class JobStore:
         """'cancelled' (was queued), 'requested' (running: it stops soon), 'finished', 'missing'."""
         data = json.dumps({"reason": "cancelled before it started"})
         return self._cancel(
-            keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY, done_key(job_id)],
+            keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY, done_key(job_id), QUEUED_KEY,
+                  USAGE_ACTIVE_KEY, WEBHOOK_OUTBOX],
             args=["cancelled", "null", "", self.ttl_s, self.maxlen, data, job_id],
         )
 
@@ -132,12 +177,15 @@ class JobStore:
         raw = cast(dict[str, str], self.r.hgetall(job_key(job_id)))
         return decode_job(raw) if raw else None
 
-    def list_jobs(self, *, kind: str | None = None, state: str | None = None, limit: int = 50) -> list[dict]:
-        """Newest first; filters are applied while paging through the index, so the scan stops at `limit`."""
+    def list_jobs(self, *, kind: str | None = None, state: str | None = None, owner: str | None = None,
+                  limit: int = 50) -> list[dict]:
+        """Newest first (all jobs, or one owner's); filters are applied while paging through the index, so the scan
+        stops at `limit`."""
+        index = INDEX_KEY if owner is None else owner_index_key(owner)
         out: list[dict] = []
         start, page = 0, max(limit, 100)
         while len(out) < limit:
-            ids = cast(list[str], self.r.zrevrange(INDEX_KEY, start, start + page - 1))
+            ids = cast(list[str], self.r.zrevrange(index, start, start + page - 1))
             if not ids:
                 break
             p = self.r.pipeline(transaction=False)
@@ -154,7 +202,7 @@ class JobStore:
                     if len(out) == limit:
                         break
             if expired:
-                self.r.zrem(INDEX_KEY, *expired)
+                self.r.zrem(index, *expired)
                 start -= len(expired)
             start += len(ids)
         return out
@@ -193,14 +241,15 @@ class JobStore:
     # -- worker side --------------------------------------------------------------------------------------
     def claim(self, job_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Claim:
         outcome, detail = self._claim(
-            keys=[job_key(job_id), events_key(job_id)],
+            keys=[job_key(job_id), events_key(job_id), QUEUED_KEY],
             args=[worker, stale_after_s, max_attempts, self.maxlen],
         )
         return Claim(outcome, detail)
 
     def requeue(self, job_id: str, worker: str, reason: str) -> bool:
         """Give a running job back to the queue (not counted as an attempt); the caller enqueues it again."""
-        return bool(self._requeue(keys=[job_key(job_id), events_key(job_id)], args=[worker, self.maxlen, reason]))
+        return bool(self._requeue(keys=[job_key(job_id), events_key(job_id), QUEUED_KEY],
+                                  args=[worker, self.maxlen, reason]))
 
     def heartbeat(self, job_id: str, worker: str) -> bool:
         return bool(self._heartbeat(keys=[job_key(job_id)], args=[worker]))
@@ -240,7 +289,8 @@ class JobStore:
             data["error"] = error
         return bool(
             self._finish(
-                keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY, done_key(job_id)],
+                keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY, done_key(job_id), QUEUED_KEY,
+                      USAGE_ACTIVE_KEY, WEBHOOK_OUTBOX],
                 args=[state, json.dumps(result), error, self.ttl_s, self.maxlen, json.dumps(data), job_id],
             )
         )
@@ -248,7 +298,7 @@ class JobStore:
     def reconcile_one(self, job_id: str, *, stale_after_s: float, max_attempts: int,
                       enqueue_grace_s: float) -> str:
         return self._reconcile(
-            keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY],
+            keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, QUEUED_KEY],
             args=[stale_after_s, max_attempts, self.maxlen, enqueue_grace_s, job_id],
         )
 
@@ -272,6 +322,10 @@ def decode_job(raw: dict[str, str]) -> dict:
         "heartbeat_at": num("heartbeat_at"),
         "attempts": int(raw.get("attempts") or 0),
         "worker": raw.get("worker") or None,
+        "owner": raw.get("owner") or "anonymous",
+        "estimate_s": num("estimate_s"),
+        "webhook": _loads(raw.get("webhook")),
+        "webhook_progress": raw.get("webhook_progress") == "1",
         "cancel_requested": raw.get("cancel_requested") == "1",
         "progress": _loads(raw.get("progress")),
         "result": _loads(raw.get("result")),

@@ -13,6 +13,7 @@ A path is only built from a valid id or name, so nothing a client sends can poin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ ID_PATTERN = r"^[0-9a-f]{32}$"
 ID_RE = re.compile(ID_PATTERN)
 DATASET_INFO = "dataset.json"
 ADAPTER_META = "adapter.json"
+ADAPTER_ACCESS = "access.json"  # {"owner": key id, "visibility": "private" | "public"}; not part of downloads
+VISIBILITIES = ("private", "public")
 ADAPTER_FILES = ("adapter.safetensors", "pytorch_lora_weights.safetensors", ADAPTER_META)
 VALIDATION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.png$")
 
@@ -131,6 +134,44 @@ def _checked(text: str, ok, what: str) -> str:
     if not isinstance(text, str) or not ok(text):
         raise InvalidInput(what, f"{text!r} is not a valid {what}")
     return text
+
+
+# -- ownership -------------------------------------------------------------------------------------------------
+def read_access(adapter_dir: Path) -> dict:
+    """Who owns an adapter and who may read it. An adapter with no access.json (put there by the operator) has no
+    owner: only admins see it until one makes it public."""
+    try:
+        access = json.loads((adapter_dir / ADAPTER_ACCESS).read_text())
+    except (OSError, ValueError):
+        return {"owner": None, "visibility": "private"}
+    return {"owner": access.get("owner"), "visibility": access.get("visibility", "private")}
+
+
+def write_access(adapter_dir: Path, *, owner: str | None, visibility: str) -> None:
+    """Written into the adapter's folder before it is published (renamed into place), or replaced atomically."""
+    if visibility not in VISIBILITIES:
+        raise InvalidInput("visibility", f"must be one of: {', '.join(VISIBILITIES)}")
+    tmp = adapter_dir / f".{ADAPTER_ACCESS}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps({"owner": owner, "visibility": visibility}))
+    os.replace(tmp, adapter_dir / ADAPTER_ACCESS)
+
+
+def dataset_owner(dataset_dir: Path) -> str | None:
+    try:
+        return json.loads((dataset_dir / DATASET_INFO).read_text()).get("owner")
+    except (OSError, ValueError):
+        return None
+
+
+def tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 # -- housekeeping ------------------------------------------------------------------------------------------------

@@ -26,13 +26,14 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from jobs.volume import DATASET_INFO
 from minidalle.errors import InvalidInput
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "MPO"}
 CAPTION_EXT = ".txt"
 METADATA_FILE = "metadata.jsonl"
-INFO_FILE = "dataset.json"
+INFO_FILE = DATASET_INFO
 CHUNK = 1 << 20
 
 
@@ -49,7 +50,8 @@ class UploadRejected(InvalidInput):
 class Limits:
     max_members: int
     max_uncompressed_bytes: int
-    max_image_pixels: int
+    max_image_pixels: int  # one image
+    max_total_pixels: int = 2**62  # all images together: decoding them is the cost of an upload
 
 
 @dataclass
@@ -109,7 +111,8 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budge
     return written
 
 
-def _check_image(path: Path, name: str, max_pixels: int) -> None:
+def _check_image(path: Path, name: str, max_pixels: int, budget: int) -> int:
+    """The image's pixel count; raises unless it is a whole image of an accepted format and size."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -118,9 +121,13 @@ def _check_image(path: Path, name: str, max_pixels: int) -> None:
                 if w * h > max_pixels:
                     raise UploadRejected(f"member {name!r} is {w}x{h} = {w * h} pixels; at most "
                                          f"{max_pixels} are allowed (decompression bomb?)")
+                if w * h > budget:
+                    raise UploadRejected(f"member {name!r}: the upload's images exceed the pixel budget of one "
+                                         "upload; split the dataset or use smaller images")
                 if im.format not in IMAGE_FORMATS:
                     raise UploadRejected(f"member {name!r} is a {im.format} image; use PNG, JPEG, WEBP or BMP")
                 im.load()  # decode it all: truncated or corrupt data fails here, not in the trainer
+                return w * h
     except UploadRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -154,7 +161,8 @@ def _read_metadata(path: Path, rel: PurePosixPath, images: set[PurePosixPath]) -
     return captions
 
 
-def extract_dataset(upload: BinaryIO, datasets_dir: Path, dataset_id: str, limits: Limits) -> Extracted:
+def extract_dataset(upload: BinaryIO, datasets_dir: Path, dataset_id: str, limits: Limits,
+                    owner: str | None = None) -> Extracted:
     """Validate and extract into `datasets_dir/dataset_id`, atomically; raises UploadRejected."""
     try:
         zf = zipfile.ZipFile(upload)
@@ -165,6 +173,8 @@ def extract_dataset(upload: BinaryIO, datasets_dir: Path, dataset_id: str, limit
     try:
         with zf:
             result = _extract(zf, tmp, dataset_id, limits)
+        info = json.loads((tmp / INFO_FILE).read_text())
+        (tmp / INFO_FILE).write_text(json.dumps({**info, "owner": owner}, indent=2))  # who may use it (jobs.keys)
         final = datasets_dir / dataset_id
         tmp.rename(final)
         result.path = final
@@ -195,9 +205,12 @@ def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) ->
     images = {rel for _, rel, kind in members if kind == "image"}
     if not images:
         raise UploadRejected("the archive contains no images")
+    pixels = 0
     for info, rel, kind in members:
         if kind == "image":
-            _check_image(tmp.joinpath(*rel.parts), info.filename, limits.max_image_pixels)
+            # the size is in the header: check the budget before decoding the next one
+            pixels += _check_image(tmp.joinpath(*rel.parts), info.filename, limits.max_image_pixels,
+                                   limits.max_total_pixels - pixels)
     # 3. captions, by the same rules as minidalle.data.scan_dataset
     metadata = [rel for _, rel, kind in members if kind == "metadata"]
     if metadata:

@@ -10,10 +10,13 @@ from typing import Annotated
 
 import redis.asyncio as aioredis
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
+from jobs.keys import Principal
 from jobs.store import JobStore
+from jobs.volume import Volume
+from service.events import EventHub
 from service.model_info import ModelInfo, get_model_info
 from service.settings import ApiSettings
 
@@ -41,7 +44,33 @@ async def _model_info(request: Request, settings: Annotated[ApiSettings, Depends
     return info
 
 
+async def _principal(request: Request) -> Principal:
+    """The key behind the request (401 without a valid one in keys mode), counted against its rate limit."""
+    auth = request.app.state.auth
+    principal = await auth.principal(request)
+    await auth.rate_limit(request, principal)
+    return principal
+
+
+async def _admin(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+    if not principal.admin:
+        raise HTTPException(403, "this needs an admin key")
+    return principal
+
+
+async def _hub(request: Request) -> EventHub:
+    return request.app.state.hub
+
+
+async def _volume(request: Request) -> Volume:
+    return request.app.state.volume
+
+
 SettingsDep = Annotated[ApiSettings, Depends(_settings)]
+PrincipalDep = Annotated[Principal, Depends(_principal)]
+AdminDep = Annotated[Principal, Depends(_admin)]
+VolumeDep = Annotated[Volume, Depends(_volume)]
+HubDep = Annotated[EventHub, Depends(_hub)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 QueueDep = Annotated[Celery, Depends(_queue)]
 AsyncRedisDep = Annotated[aioredis.Redis, Depends(_aredis)]

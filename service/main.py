@@ -9,16 +9,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
+from jobs.keys import KeyStore
 from jobs.queue import make_app
-from jobs.store import JobStore, blocking_client
+from jobs.store import JobStore
+from jobs.volume import Volume
 from minidalle.errors import InvalidInput
+from service.auth import Auth, RateLimitHeaders
 from service.errors import STORE_DOWN, invalid_input, store_unavailable, validation_failed
-from service.middleware import BodySizeLimit, RequestMetrics
+from service.events import EventHub, short_command_client
+from service.middleware import BodySizeLimit, JsonOnly, RequestMetrics
 from service.model_info import get_model_info
-from service.routes import datasets, files, finetune, generate, health, jobs
+from service.routes import account, datasets, files, finetune, generate, health, jobs
 from service.settings import ApiSettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -38,11 +43,18 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if settings.admin_key is not None:  # a deployment's first admin key, from its environment
+            try:
+                await run_in_threadpool(KeyStore(app.state.store.r).ensure, settings.admin_key.get_secret_value(),
+                                        "admin", admin=True)
+            except STORE_DOWN:  # Redis not up yet: the first request with that key creates it (service.auth)
+                log.warning("could not record MINIDALLE_ADMIN_KEY yet (Redis unreachable)")
         try:  # tokenizer and model configs now, so the first request does not pay for them
             app.state.model_info = await run_in_threadpool(get_model_info, settings.model)
         except Exception:  # /generate will report it; /healthz must still answer
             log.exception("could not read model %r", settings.model or "(embedded)")
         yield
+        await app.state.hub.close()
         await app.state.aredis.aclose()
         app.state.store.r.close()
 
@@ -51,10 +63,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.model_info = None  # read by the lifespan, or by the first request that needs it
     app.state.store = JobStore.from_settings(settings)
     app.state.queue = make_app(settings)  # producer only: tasks are sent by name
-    app.state.aredis = blocking_client(settings.broker_url, asyncio=True)  # SSE: XREAD BLOCK of sse_ping_s
+    # short commands only (auth, event history): bounded, waits for a free connection rather than opening more
+    app.state.aredis = short_command_client(settings.broker_url)
+    app.state.hub = EventHub(settings.broker_url, app.state.aredis, per_owner=settings.key_event_streams)
+    app.state.auth = Auth(settings, app.state.aredis)
+    app.state.volume = Volume(settings.data_dir)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(health.QueueCollector(app.state.store))
-    for module in (generate, finetune, datasets, jobs, files, health):
+    for module in (generate, finetune, datasets, jobs, files, account, health):
         app.include_router(module.router)
     for exc in STORE_DOWN:
         app.add_exception_handler(exc, store_unavailable)
@@ -63,10 +79,19 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     upload_limit = settings.max_upload_bytes + (1 << 20)  # multipart framing and the other form fields
 
-    def limit_for(path: str) -> int:
-        return upload_limit if path in UPLOAD_PATHS else JSON_BODY_LIMIT
+    def limit_for(path: str, content_type: str) -> int:
+        multipart = content_type.startswith("multipart/form-data")
+        return upload_limit if path in UPLOAD_PATHS and multipart else JSON_BODY_LIMIT
 
+    app.add_middleware(RateLimitHeaders)
+    app.add_middleware(JsonOnly, multipart_paths=UPLOAD_PATHS)
     app.add_middleware(BodySizeLimit, limit_for=limit_for)
+    if settings.cors_origins:  # off unless configured: browsers of other origins get no answer they may read
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                           expose_headers=["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                                           "X-RateLimit-Reset"])
     app.add_middleware(RequestMetrics, registry=app.state.registry)
     return app
 

@@ -16,15 +16,16 @@ class BodySizeLimit:
     """413 for a request body above the limit of its path: checked against Content-Length first, then counted
     while the body streams in (a chunked upload has no Content-Length), so an oversized upload is never kept."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]):
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int]):
         self.app = app
-        self.limit_for = limit_for
+        self.limit_for = limit_for  # (path, content type) -> bytes
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit_for(scope["path"])
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        limit = self.limit_for(scope["path"], headers.get(b"content-type", b"").decode("latin-1"))
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await _send_413(send, limit)
 
@@ -68,6 +69,33 @@ async def _send_413(send, limit: int) -> None:
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class JsonOnly:
+    """415 for a request body that is not JSON (multipart too on upload paths). A browser page of another origin
+    can send a "simple" request (text/plain, form-encoded) without asking first; this refuses those outright, so
+    JSON endpoints can't be driven by someone else's page even before keys are checked."""
+
+    def __init__(self, app: ASGIApp, multipart_paths: tuple[str, ...]):
+        self.app = app
+        self.multipart_paths = multipart_paths
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        allowed = {b"application/json"} | ({b"multipart/form-data"} if scope["path"] in self.multipart_paths else set())
+        if has_body and kind not in allowed:
+            body = json.dumps({"detail": "content-type: send " + " or ".join(sorted(a.decode() for a in allowed))
+                               + f", not {kind.decode('latin-1')[:60] or 'nothing'}"}).encode()
+            await send({"type": "http.response.start", "status": 415,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
 
 
 class RequestMetrics:

@@ -37,7 +37,8 @@ class ModelInfo:
         unet = _config(model, "unet/config.json")
         vae = _config(model, "vae/config.json")
         # the same arithmetic as diffusers' pipelines: latent size × 2^(VAE down blocks - 1)
-        self.default_size = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        self.vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        self.default_size = int(unet["sample_size"]) * self.vae_factor
         self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
         # the encoder adds start and end tokens to what the prompt uses
         self.max_prompt_tokens = int(self.tokenizer.model_max_length) - 2

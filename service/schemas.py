@@ -36,6 +36,9 @@ class Job(BaseModel):
     finished_at: float | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    owner: str = Field("anonymous", description="The id of the API key that made it.")
+    estimate_s: float | None = Field(None, description="What admission estimated it costs one worker, in seconds.")
+    webhook: dict[str, Any] | None = Field(None, description="Delivery of its webhook, when it asked for one.")
     progress: Progress | None = None
     request: dict[str, Any]
     result: dict[str, Any] | None = Field(None, description="generate: images (url, seed, metadata); "
@@ -67,6 +70,8 @@ class AdapterSummary(BaseModel):
     created: str | None = None
     base_model: str | None = None
     steps: int | None = None
+    visibility: Literal["private", "public"] = "private"
+    mine: bool = Field(False, description="Made by the key that asks.")
 
 
 class AdapterList(BaseModel):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
-import redis.asyncio as aioredis
 from celery import Celery
 
 from jobs.queue import enqueue
-from jobs.store import JobStore, decode_job, done_key, job_key
+from jobs.store import TERMINAL, JobStore, decode_job, events_key, job_key
 from jobs.volume import job_links
 from service.errors import STORE_DOWN
+from service.events import EventHub
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +29,19 @@ def accepted(job_id: str, state: str = "queued", job: dict | None = None) -> dic
             "cancel_url": lk["cancel"], "job": public_job(job) if job else None}
 
 
-async def wait_for_end(aredis: aioredis.Redis, job_id: str, timeout_s: float) -> dict | None:
-    """Wait (no polling, no thread held) until the job ends or the timeout; then the job as it is (None if its
-    record is gone). One blocking pop on the job's `done` list, which the final transition pushes to: no wake-up
-    per progress event."""
-    await aredis.blpop([done_key(job_id)], timeout=timeout_s)
-    raw: dict[str, str] = await aredis.hgetall(job_key(job_id))  # type: ignore[assignment]  # decoded
+async def wait_for_end(hub: EventHub, job_id: str, timeout_s: float, owner: str) -> dict | None:
+    """Wait until the job ends or the timeout (no polling, no thread and no Redis connection of its own: the
+    event hub's listener); then the job as it is (None if its record is gone)."""
+    pool = hub.pool
+    last = await pool.xrevrange(events_key(job_id), "+", "-", count=1)
+    if not (last and last[0][1].get("type") in TERMINAL):
+        async with hub.listen(job_id, last[0][0] if last else "0", owner) as listener:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    async for entry in listener.events(timeout_s):
+                        if entry is None:
+                            break
+    raw = await pool.hgetall(job_key(job_id))
     return decode_job(raw) if raw else None
 
 

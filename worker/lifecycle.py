@@ -61,7 +61,14 @@ def _on_worker_init(sender=None, **_):
     if settings.preload:
         from worker.runtime import get_pipeline
 
-        get_pipeline(settings)  # before the consumer starts: no task waits on a half-started worker
+        pipe = get_pipeline(settings)  # before the consumer starts: no task waits on a half-started worker
+        if settings.calibrate:
+            try:
+                from worker.runtime import calibrate
+
+                calibrate(pipe, get_store(), settings)
+            except Exception:  # the cost model falls back to its default; the worker still serves
+                log.warning("calibration failed", exc_info=True)
     _state["phase"] = "ready"
     _publish_presence()
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from jobs.events import EventChannel
 from jobs.metrics import StepTimings
 from jobs.requests import api_name
-from jobs.store import JobStore
+from jobs.store import TERMINAL, JobStore, usage_key
 from minidalle import Cancelled
 from minidalle.errors import InvalidInput
 from worker import lifecycle
@@ -58,8 +58,11 @@ class JobRun:
         self.timings = StepTimings(self.kind)
         self.lost = False
         self.flags = (False, True)  # (cancel requested, still owned), as of the last batch's reply
-        self._last = time.perf_counter()
+        self._last = self._started = time.perf_counter()
         self._step_s = 0.0  # how long the last step took
+        self.step_seconds: list[float] = []  # every step of this run (the cost model learns from them)
+        self.images = 0  # made by this run (usage)
+        self._progress_hook = job.get("webhook_progress")
         self._sent_at: float | None = None  # perf_counter of the last batch sent; None: nothing sent yet
         self._events: list[tuple[str, dict]] = []
         self._channel = EventChannel(store, self.id, worker)
@@ -71,7 +74,7 @@ class JobRun:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.flush(extra=self.timings.commands())
+        self.flush(extra=self.timings.commands() + self._usage_commands())
         if self._events:  # the last batch could not be sent: once more, on a new connection
             self.flush()
         self._channel.close()
@@ -90,11 +93,26 @@ class JobRun:
         now = time.perf_counter()
         self._step_s, self._last = now - self._last, now
         self.timings.add(self._step_s)
+        self.step_seconds.append(self._step_s)
         return self._step_s
+
+    def _usage_commands(self) -> list[tuple]:
+        """What this run used, added to its key's totals (GET /usage) with the run's last batch of events."""
+        key = usage_key(self.job["owner"])
+        commands: list[tuple] = [("HINCRBYFLOAT", key, "compute_s", round(time.perf_counter() - self._started, 6))]
+        if self.images:
+            commands.append(("HINCRBY", key, "images", self.images))
+        if self.kind == "finetune" and self.step_seconds:
+            commands.append(("HINCRBY", key, "finetune_steps", len(self.step_seconds)))
+        return commands
 
     def publish(self, data: dict, event: str = "progress") -> None:
         """Record an event and check whether the job must stop here (cancelled, lost, past its time limit)."""
         self._events.append((event, data))
+        if event == "progress" and self._progress_hook:
+            from worker.webhooks import note_progress
+
+            note_progress(self.store.r, self.id)
         if event != "progress":
             self.flush()
         else:
@@ -104,7 +122,8 @@ class JobRun:
                 self._send()
                 if self._step_s >= WAIT_AFTER_STEP_S:
                     self._receive()
-        self._raise_if_stopping(*self.flags)
+        done = event == "progress" and data.get("step") == data.get("total")
+        self._raise_if_stopping(*self.flags, done=done)
 
     def emit(self, data: dict, event: str) -> None:
         """Record an event that goes out with the next batch (at the latest when the run ends); no checks."""
@@ -138,12 +157,14 @@ class JobRun:
         if flags is not None:
             self.flags = flags
 
-    def _raise_if_stopping(self, cancel: bool, owned: bool) -> None:
+    def _raise_if_stopping(self, cancel: bool, owned: bool, *, done: bool = False) -> None:
         if cancel:
             raise Stop("cancelled")
         if self.lost or not owned:
             raise Stop("lost")
-        if time.monotonic() > self.deadline:
+        # a step can't be interrupted, so the limit is checked between steps; after the last one the work is done
+        # (admission refused what was estimated not to fit), so it is not thrown away
+        if time.monotonic() > self.deadline and not done:
             raise Stop("time_limit")
         if lifecycle.shutting_down():
             raise Stop("shutdown")
@@ -198,4 +219,12 @@ def run_job(job_id: str, body: Callable[[JobRun], dict]) -> None:
         store.finish(job_id, "failed", error=f"{type(e).__name__}: {e}")
     else:
         store.finish(job_id, "succeeded", result=result)
+    _count_ended(store, job)
     lifecycle.release_resources(store, job)
+
+
+def _count_ended(store: JobStore, job: dict) -> None:
+    """Usage: jobs of this key by kind and final state (GET /usage)."""
+    ended = store.get(job["id"])
+    if ended is not None and ended["state"] in TERMINAL:
+        store.r.hincrby(usage_key(job["owner"]), f"jobs:{job['kind']}:{ended['state']}", 1)

@@ -33,6 +33,37 @@ def get_pipeline(settings: WorkerSettings):
         return _pipe
 
 
+def calibrate(pipe, store, settings: WorkerSettings) -> list[tuple[int, float]]:
+    """Measure one denoising step at the model's native size and at twice its side (batch 2: one image with
+    guidance), so the API's cost model (jobs.cost) has two sizes to fit before the first request; also warms the
+    pipeline up, so the first request is not the slow one. Returns (tokens, seconds per step) pairs."""
+    import time
+
+    from jobs import cost
+
+    native = pipe.default_height
+    measured = []
+    for side in (native, 2 * native):
+        times: list[float] = []
+        last = time.perf_counter()
+
+        def on_step(step: int, total: int, times=times) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+
+        last = time.perf_counter()
+        pipe("calibration", num_inference_steps=3, guidance_scale=7.5, width=side, height=side, seed=0,
+             callback=on_step)
+        p = cost.tokens(side, side, pipe.vae_scale_factor)
+        step_s = min(times[1:])  # after the first step: no encoding, no set-up
+        cost.record(store.r, settings.model_name, "generate", tokens=p, batch=2, step_s=step_s)
+        measured.append((p, step_s))
+    log.info("calibrated: %s", ", ".join(f"{p} tokens {s * 1000:.1f} ms/step" for p, s in measured))
+    return measured
+
+
 def pipeline_loaded() -> bool:
     return _pipe is not None
 

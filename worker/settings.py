@@ -18,6 +18,8 @@ class WorkerSettings(CommonSettings):
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     adapter_cache_size: int = Field(8, ge=1)  # resident LoRA adapters per worker (LRU)
     preload: bool = True  # build the pipeline when the worker starts, so /readyz means "can serve now"
+    # measure a step at two sizes when the worker starts (the API's cost estimates; also a warm-up)
+    calibrate: bool = True
     reconcile_interval_s: float = Field(10.0, gt=0)
     # The data volume's janitor (worker.janitor): one worker sweeps this often; an unused dataset stays this long
     # (0: forever). Job folders go when their record has expired (job_ttl_s).

@@ -11,10 +11,11 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
-from jobs import volume
+from jobs import cost, volume
 from jobs.queue import FINETUNE_TASK, GENERATE_TASK
 from jobs.requests import FinetuneRequest, GenerateRequest
 from minidalle.errors import InvalidInput
@@ -50,6 +51,10 @@ def _generate(run: JobRun) -> dict:
     t0 = time.perf_counter()
     out = pipe(**kwargs, callback=on_step)
     log.info("job %s: pipeline %.3f s", run.id, time.perf_counter() - t0)
+    run.images = len(out.images)
+    meta0 = out.metadata[0]
+    _learn_cost(run, "generate", pipe, width=meta0["width"], height=meta0["height"],
+                batch=len(out.images) * (2 if kwargs["guidance_scale"] > 1 else 1))
     images = []
     for i, (image, meta) in enumerate(zip(out.images, out.metadata, strict=True)):
         save_png(image, vol.image(run.id, i), meta)  # temp file + rename
@@ -81,21 +86,34 @@ def _finetune(run: JobRun) -> dict:
     if not _finished_adapter(out_dir, req.steps):
         config = TrainConfig(dataset_dir=str(dataset_dir), output_dir=str(out_dir), work_dir=str(job_dir),
                              model=settings.model or None, resume=True, **req.train_kwargs())
+        pipe = get_pipeline(settings)
         try:
-            train(config, on_progress=lambda event: _train_event(run, vol.validation(run.id), event),
-                  pipeline=get_pipeline(settings))
+            result_t = train(config, on_progress=lambda event: _train_event(run, vol.validation(run.id), event),
+                             pipeline=pipe)
         except InvalidInput as e:
             if e.field != "dataset_dir":
                 raise
             raise e.renamed("dataset_id") from e  # the client named a dataset id, not a folder
+        size = result_t.resolution
+        _learn_cost(run, "finetune", pipe, width=size, height=size, batch=req.batch_size * req.grad_accum)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         raise InvalidInput("name", f"adapter {req.name!r} already exists; this job's adapter is kept until the job "
                            "expires")
+    volume.write_access(out_dir, owner=run.job["owner"], visibility="private")  # published with its owner
     marker.write_text(req.name)
     os.rename(out_dir, final)
     shutil.rmtree(vol.checkpoints(run.id), ignore_errors=True)  # published: nothing left to resume
     return result
+
+
+def _learn_cost(run: JobRun, kind: str, pipe, *, width: int, height: int, batch: float) -> None:
+    """Tell the cost model (jobs.cost) what a step of this size and batch took here."""
+    if len(run.step_seconds) < 2:
+        return
+    step_s = statistics.median(run.step_seconds[1:])  # the first includes encoding and the scheduler's set-up
+    cost.record(run.store.r, run.settings.model_name, kind, tokens=cost.tokens(width, height, pipe.vae_scale_factor),
+                batch=batch, step_s=step_s)
 
 
 def _finished_adapter(out_dir: Path, steps: int) -> bool:

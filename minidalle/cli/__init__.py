@@ -26,6 +26,7 @@ FLAG_FOR_FIELD = {
 
 SUBCOMMANDS = {  # subcommand -> (module, function, help); the function parses its own arguments
     "serve": ("service.serve", "serve_main", "run the HTTP service (api + worker + redis) on this machine"),
+    "keys": ("minidalle.cli.keys", "keys_main", "create, list and revoke the service's API keys"),
     "eval": ("minidalle.cli.tiny", "eval_main", "evaluate a model or adapter on held-out shapes prompts"),
     "train-base": ("minidalle.cli.tiny", "train_base_main", "train the embedded tiny-shapes base model"),
     "shapes": ("minidalle.cli.tiny", "shapes_main", "write the procedural shapes dataset as an imagefolder"),

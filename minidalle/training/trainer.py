@@ -48,6 +48,7 @@ class TrainResult:
     checkpoints: list[Path]
     validation_images: list[Path]
     seconds: float
+    resolution: int  # the training resolution used (the model's native size unless asked)
 
 
 def _seed(base: int, m: int, salt: int = 0) -> int:
@@ -264,7 +265,8 @@ class Trainer:
         if cfg.validation_prompts:
             self._validate(adapter_dir, tag="final")
         return TrainResult(adapter_dir=adapter_dir, steps=self.step, loss=loss, checkpoints=list(self.checkpoints),
-                           validation_images=list(self.validation_images), seconds=time.perf_counter() - start)
+                           validation_images=list(self.validation_images), seconds=time.perf_counter() - start,
+                           resolution=self.resolution)
 
     def _checkpoint_and_validate(self) -> None:
         path = self.save_checkpoint()

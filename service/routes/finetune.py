@@ -11,12 +11,16 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from jobs import volume
-from jobs.volume import Volume
-from service.deps import ModelInfoDep, QueueDep, SettingsDep, StoreDep
+from jobs.keys import Principal
+from minidalle.params import checkpoint_interval
+from service.access import dataset_of
+from service.admission import admit, check_time_limit, cost_model
+from service.deps import ModelInfoDep, PrincipalDep, QueueDep, SettingsDep, StoreDep, VolumeDep
 from service.errors import conflict, invalid
-from service.routes.datasets import UPLOAD_RESPONSES, dataset_path, ingest
+from service.routes.datasets import UPLOAD_RESPONSES, ingest
+from service.routes.generate import check_webhook
 from service.schemas import FinetuneRequest, JobAccepted
-from service.views import accepted, enqueue_recorded
+from service.views import accepted
 
 router = APIRouter(tags=["finetune"])
 
@@ -35,7 +39,8 @@ OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {"s
 @router.post("/finetune", status_code=202, response_model=JobAccepted, openapi_extra=OPENAPI,
              responses={**UPLOAD_RESPONSES, 404: {"description": "Unknown dataset_id."},
                         409: {"description": "Adapter name taken."}})
-async def finetune(request: Request, settings: SettingsDep, store: StoreDep, queue: QueueDep, model: ModelInfoDep):
+async def finetune(request: Request, settings: SettingsDep, store: StoreDep, queue: QueueDep, model: ModelInfoDep,
+                   principal: PrincipalDep, vol: VolumeDep):
     """Queue a LoRA (+ prior) fine-tune that publishes adapter `name` when it succeeds."""
     upload = None
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -60,17 +65,19 @@ async def finetune(request: Request, settings: SettingsDep, store: StoreDep, que
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise invalid("body", f"not valid JSON ({e})") from e
+        except RecursionError as e:  # json's parser is recursive: a deeply nested body would be a 500
+            raise invalid("body", "nested too deeply") from e
         req = _validate(body)
         if req.dataset_id is None:
             raise invalid("dataset_id", "required (or post multipart/form-data with the zip as 'file')")
-    _check_caps(req, settings, model)
+    estimate = _check_caps(req, settings, model, store, vol)
     if upload is None:
         assert req.dataset_id is not None  # checked above
-        dataset_path(settings, req.dataset_id)  # 404 when unknown
-        return await run_in_threadpool(_submit, req, settings, store, queue)
-    ds = await ingest(upload, settings)  # a bad zip is rejected before any job exists
+        dataset_of(vol, principal, req.dataset_id)  # 404 when unknown or another key's
+        return await run_in_threadpool(_submit, req, settings, store, queue, principal, estimate)
+    ds = await ingest(upload, settings, principal)  # a bad zip is rejected before any job exists
     return await run_in_threadpool(_submit, req.model_copy(update={"dataset_id": ds.dataset_id}), settings, store,
-                                   queue)
+                                   queue, principal, estimate)
 
 
 def _validate(data) -> FinetuneRequest:
@@ -80,7 +87,8 @@ def _validate(data) -> FinetuneRequest:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
 
 
-def _check_caps(req: FinetuneRequest, settings, model) -> None:
+def _check_caps(req: FinetuneRequest, settings, model, store, vol) -> float:
+    """The configurable caps, token limits, the name, the webhook and the cost; the estimate in seconds."""
     if req.steps > settings.max_train_steps:
         raise invalid("steps", f"at most {settings.max_train_steps}", req.steps)
     if req.batch_size > settings.max_train_batch_size:
@@ -96,20 +104,30 @@ def _check_caps(req: FinetuneRequest, settings, model) -> None:
         if n > model.max_prompt_tokens:
             raise invalid(f"validation_prompts.{i}", f"{n} tokens; the text encoder takes at most "
                           f"{model.max_prompt_tokens}", n)
-    if Volume(settings.data_dir).adapter_taken(req.name):
+    if vol.adapter_taken(req.name):  # names are one namespace: a taken name says so, whoever holds it
         raise conflict(f"name: adapter {req.name!r} already exists")
+    check_webhook(req.webhook_url, settings)
+    every = checkpoint_interval(req.steps, req.checkpoint_every)
+    estimate = cost_model(store, settings, model).finetune_s(
+        resolution=req.resolution or model.default_size, steps=req.steps, batch_size=req.batch_size,
+        grad_accum=req.grad_accum, validation_prompts=len(req.validation_prompts),
+        checkpoints=req.steps // every if every else 0)
+    check_time_limit("finetune", estimate, settings, "steps", "lower steps, batch_size, grad_accum or resolution")
+    return estimate
 
 
-def _submit(req: FinetuneRequest, settings, store, queue):
+def _submit(req: FinetuneRequest, settings, store, queue, principal: Principal, estimate: float):
     assert req.dataset_id is not None  # given, or set from the upload
-    vol = Volume(settings.data_dir)
+    vol = volume.Volume(settings.data_dir)
     job_id = volume.new_id()
     if not store.reserve_adapter_name(req.name, job_id):
         raise conflict(f"name: adapter {req.name!r} is being trained by another job")
-    if vol.adapter_taken(req.name):  # published between the check and the hold
+    try:
+        if vol.adapter_taken(req.name):  # published between the check and the hold
+            raise conflict(f"name: adapter {req.name!r} already exists")
+        volume.mark_used(vol.dataset(req.dataset_id))  # not swept while this job waits
+        admit(store, queue, settings, principal, "finetune", req.model_dump(), estimate_s=estimate, job_id=job_id)
+    except BaseException:
         store.release_adapter_name(req.name, job_id)
-        raise conflict(f"name: adapter {req.name!r} already exists")
-    volume.mark_used(vol.dataset(req.dataset_id))  # not swept while this job waits
-    store.create("finetune", req.model_dump(), job_id=job_id)
-    enqueue_recorded(store, queue, "finetune", job_id)
+        raise
     return accepted(job_id)

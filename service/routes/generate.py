@@ -9,12 +9,14 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from jobs.keys import Principal
 from jobs.store import TERMINAL
-from jobs.volume import Volume
-from service.deps import AsyncRedisDep, ModelInfoDep, QueueDep, SettingsDep, StoreDep
-from service.errors import STORE_DOWN, invalid, not_found
+from service.access import adapter_of
+from service.admission import admit, check_time_limit, cost_model
+from service.deps import HubDep, ModelInfoDep, PrincipalDep, QueueDep, SettingsDep, StoreDep, VolumeDep
+from service.errors import STORE_DOWN, invalid
 from service.schemas import GenerateRequest, JobAccepted
-from service.views import accepted, enqueue_recorded, wait_for_end
+from service.views import accepted, wait_for_end
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["generate"])
@@ -23,18 +25,19 @@ router = APIRouter(tags=["generate"])
 @router.post("/generate", status_code=202, response_model=JobAccepted,
              responses={200: {"model": JobAccepted, "description": "Finished within `wait` seconds."},
                         404: {"description": "An adapter named in `adapters` does not exist."},
-                        422: {"description": "Invalid field (the message names it)."}})
+                        422: {"description": "Invalid field (the message names it)."},
+                        429: {"description": "The queue or this key's limits are full; see Retry-After."}})
 async def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep, queue: QueueDep,
-                   aredis: AsyncRedisDep, model: ModelInfoDep,
+                   hub: HubDep, model: ModelInfoDep, principal: PrincipalDep, volume: VolumeDep,
                    wait: float = Query(0, ge=0, description="Seconds to wait for the images before answering 202.")):
     """Queue a text-to-image job; 202 with its links, or 200 with the finished job when it ends within `wait`."""
     if wait > settings.max_wait_s:
         raise invalid("wait", f"at most {settings.max_wait_s} seconds", wait, where="query")
     # tokenizer and blocking I/O: a thread
-    job_id = await run_in_threadpool(_submit, req, settings, store, queue, model)
+    job_id = await run_in_threadpool(_submit, req, settings, store, queue, model, principal, volume)
     # the wait holds no thread: a thousand waiting clients must not starve the threadpool the other routes use
     try:
-        job = await wait_for_end(aredis, job_id, wait) if wait else None
+        job = await wait_for_end(hub, job_id, wait, principal.id) if wait else None
     except STORE_DOWN:  # the job exists: say so (202), a retry would make a second one
         log.warning("job %s: waiting for it failed; answering 202", job_id, exc_info=True)
         job = None
@@ -43,26 +46,39 @@ async def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep,
     return accepted(job_id, job["state"] if job else "queued")  # the state as it is now, e.g. running
 
 
-def _submit(req: GenerateRequest, settings, store, queue, model) -> str:
-    check_generate(req, settings, model)
+def _submit(req: GenerateRequest, settings, store, queue, model, principal: Principal, volume) -> str:
+    estimate = check_generate(req, settings, model, store)
+    for i, ref in enumerate(req.adapters):
+        adapter_of(volume, principal, ref.name, field=f"adapters.{i}.name")  # 404 unless this key may use it
+    check_webhook(req.webhook_url, settings)
     request = req.model_dump()
     if request["seed"] is None:  # chosen here so a re-delivered job makes the same images
         request["seed"] = secrets.randbelow(2**31)
-    job_id = store.create("generate", request)  # the record first, then the queue
-    enqueue_recorded(store, queue, "generate", job_id)
-    return job_id
+    return admit(store, queue, settings, principal, "generate", request, estimate_s=estimate)
 
 
-def check_generate(req: GenerateRequest, settings, model) -> None:
-    """The configurable caps, the token limit and adapter existence (the model bounds are in the schema)."""
+def check_webhook(url: str | None, settings) -> None:
+    if url is not None:
+        from jobs.webhooks import check_url
+
+        check_url(url, settings.webhook_allow)
+
+
+def max_side(setting: int | None, model) -> int:
+    """The operator's cap, else twice the model's native side (4× its pixels: what such a model still draws)."""
+    return setting if setting is not None else 2 * model.default_size
+
+
+def check_generate(req: GenerateRequest, settings, model, store) -> float:
+    """The configurable caps, the token limit and the cost (the model bounds are in the schema); the estimate."""
     if req.num_images > settings.max_images:
         raise invalid("num_images", f"at most {settings.max_images}", req.num_images)
     if req.num_inference_steps > settings.max_steps:
         raise invalid("num_inference_steps", f"at most {settings.max_steps}", req.num_inference_steps)
-    if req.width is not None and req.width > settings.max_width:
-        raise invalid("width", f"at most {settings.max_width}", req.width)
-    if req.height is not None and req.height > settings.max_height:
-        raise invalid("height", f"at most {settings.max_height}", req.height)
+    for name, value, cap in (("width", req.width, max_side(settings.max_width, model)),
+                             ("height", req.height, max_side(settings.max_height, model))):
+        if value is not None and value > cap:
+            raise invalid(name, f"at most {cap} for this model", value)
     if req.num_inference_steps < (fewest := model.min_steps(req.scheduler)):
         raise invalid("num_inference_steps", f"the {req.scheduler or 'default'} scheduler of this model needs at "
                       f"least {fewest}", req.num_inference_steps)
@@ -72,17 +88,14 @@ def check_generate(req: GenerateRequest, settings, model) -> None:
             raise invalid(f"adapters.{i}.name", f"{name!r} is listed twice; give it once, with the scale you want",
                           name)
     width, height = req.width or model.default_size, req.height or model.default_size
-    cost = width * height * req.num_inference_steps * req.num_images
-    if cost > settings.max_cost:
-        raise invalid("num_inference_steps", f"width × height × num_inference_steps × num_images = {width} × "
-                      f"{height} × {req.num_inference_steps} × {req.num_images} = {cost} exceeds the cap of "
-                      f"{settings.max_cost}; lower one of them", cost)
+    estimate = cost_model(store, settings, model).generate_s(
+        width=width, height=height, steps=req.num_inference_steps, images=req.num_images,
+        guidance_scale=req.guidance_scale)
+    check_time_limit("generate", estimate, settings, "num_inference_steps",
+                     "lower num_inference_steps, num_images, width or height")
     for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
         if text:
             n = model.count_tokens(text)
             if n > model.max_prompt_tokens:
                 raise invalid(name, f"{n} tokens; the text encoder takes at most {model.max_prompt_tokens}", n)
-    volume = Volume(settings.data_dir)
-    for i, ref in enumerate(req.adapters):
-        if not volume.adapter_exists(ref.name):
-            raise not_found(f"adapters.{i}.name: adapter {ref.name!r} not found")
+    return estimate

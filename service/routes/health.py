@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,7 +14,9 @@ from jobs import presence
 from jobs.metrics import read_histogram
 from jobs.queue import QUEUES, queue_depth
 from jobs.store import JobStore
-from service.deps import StoreDep
+from service.deps import AdminDep, StoreDep
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -30,7 +34,8 @@ def readyz(store: StoreDep):
         store.r.ping()
         ready = presence.ready_by_queue(store.r, QUEUES)
     except Exception as e:  # noqa: BLE001 - any Redis failure means "not ready"
-        return JSONResponse({"status": "unavailable", "redis": f"error: {e}"}, status_code=503)
+        log.warning("/readyz: Redis: %s", e)  # the address stays in the log, not in the answer
+        return JSONResponse({"status": "unavailable", "redis": "unreachable"}, status_code=503)
     missing = [q for q, n in ready.items() if n == 0]
     body = {"status": "ok" if not missing else "unavailable", "redis": "ok", "workers_ready": ready}
     if missing:
@@ -39,8 +44,8 @@ def readyz(store: StoreDep):
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-def metrics(request: Request) -> Response:
-    """Prometheus metrics: requests, jobs by kind/state, queue depth, step timings."""
+def metrics(request: Request, principal: AdminDep) -> Response:
+    """Prometheus metrics: requests, jobs by kind/state, queue depth, step timings (an admin key)."""
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -11,9 +11,8 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
 from jobs.queue import revoke
-from jobs.store import TERMINAL, JobStore, events_key, job_key
-from jobs.volume import is_id
-from service.deps import AsyncRedisDep, QueueDep, SettingsDep, StoreDep
+from service.access import job_of
+from service.deps import HubDep, PrincipalDep, QueueDep, SettingsDep, StoreDep
 from service.errors import conflict, not_found
 from service.schemas import CancelResult, Job, JobList
 from service.views import public_job
@@ -22,33 +21,27 @@ router = APIRouter(tags=["jobs"])
 STREAM_ID_RE = re.compile(r"^\d+-\d+$")
 
 
-def _get(store: JobStore, job_id: str) -> dict:
-    job = store.get(job_id) if is_id(job_id) else None
-    if job is None:
-        raise not_found(f"job_id: job {job_id!r} not found")
-    return job
-
-
 @router.get("/jobs", response_model=JobList)
-def list_jobs(store: StoreDep, kind: Literal["generate", "finetune"] | None = None,
+def list_jobs(store: StoreDep, principal: PrincipalDep, kind: Literal["generate", "finetune"] | None = None,
               state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
               limit: int = Query(50, ge=1, le=500)):
-    """Jobs, newest first, optionally filtered by kind and state."""
-    return {"jobs": [public_job(j) for j in store.list_jobs(kind=kind, state=state, limit=limit)]}
+    """This key's jobs (an admin key: everybody's), newest first, optionally filtered by kind and state."""
+    owner = None if principal.admin else principal.id
+    return {"jobs": [public_job(j) for j in store.list_jobs(kind=kind, state=state, owner=owner, limit=limit)]}
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses={404: {"description": "Unknown job."}})
-def get_job(job_id: str, store: StoreDep):
+def get_job(job_id: str, store: StoreDep, principal: PrincipalDep):
     """A job's state, progress, result links and error."""
-    return public_job(_get(store, job_id))
+    return public_job(job_of(store, principal, job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=CancelResult,
              responses={404: {"description": "Unknown job."}, 409: {"description": "The job already ended."}})
-def cancel_job(job_id: str, store: StoreDep, queue: QueueDep):
+def cancel_job(job_id: str, store: StoreDep, queue: QueueDep, principal: PrincipalDep):
     """Cancel: a queued job never starts; a running one stops at a step boundary within about 0.1 s or a step (a
     fine-tune keeps its checkpoint)."""
-    job = _get(store, job_id)
+    job = job_of(store, principal, job_id)
     outcome = store.cancel(job_id)
     if outcome == "missing":
         raise not_found(f"job_id: job {job_id!r} not found")
@@ -67,26 +60,23 @@ def cancel_job(job_id: str, store: StoreDep, queue: QueueDep):
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "queued, started, progress…, then succeeded | failed | cancelled"},
                        404: {"description": "Unknown job."}})
-async def job_events(job_id: str, store: StoreDep, aredis: AsyncRedisDep, settings: SettingsDep,
+async def job_events(job_id: str, store: StoreDep, hub: HubDep, settings: SettingsDep, principal: PrincipalDep,
                      last_event_id: str | None = Header(None)):
     """Server-Sent Events from the job's start (a late listener gets what it missed); ends after the final event."""
-    await run_in_threadpool(_get, store, job_id)
+    await run_in_threadpool(job_of, store, principal, job_id)
     start = last_event_id if last_event_id and STREAM_ID_RE.match(last_event_id) else "0"
-    return EventSourceResponse(_stream(aredis, job_id, start, settings.sse_ping_s), ping=int(settings.sse_ping_s))
+    listening = hub.listen(job_id, start, principal.id)
+    listener = await listening.__aenter__()  # 429 here, before the stream starts, when the key has too many open
+    return EventSourceResponse(_stream(listening, listener, settings.sse_ping_s), ping=int(settings.sse_ping_s))
 
 
-async def _stream(aredis, job_id: str, last: str, block_s: float):
-    key = events_key(job_id)
-    while True:
-        resp = await aredis.xread({key: last}, block=int(block_s * 1000), count=200)
-        if not resp:
-            if not await aredis.exists(job_key(job_id)):  # expired while we listened
-                return
-            continue
-        for _key, entries in resp:
-            for event_id, fields in entries:
-                last = event_id
-                kind = fields.get("type", "message")
-                yield {"event": kind, "id": event_id, "data": fields.get("data") or json.dumps({})}
-                if kind in TERMINAL:
-                    return
+async def _stream(listening, listener, idle_s: float):
+    try:
+        async for entry in listener.events(idle_s):
+            if entry is None:
+                continue  # idle: EventSourceResponse sends its own keep-alive pings
+            event_id, fields = entry
+            yield {"event": fields.get("type", "message"), "id": event_id,
+                   "data": fields.get("data") or json.dumps({})}
+    finally:
+        await listening.__aexit__(None, None, None)

@@ -21,7 +21,7 @@ __all__ = ["SMALL_CAPS", "client", "store",
 _STACKS: list[Stack] = []
 # caps small enough that tests can cross each of them cheaply
 SMALL_CAPS = {"MINIDALLE_MAX_WIDTH": "256", "MINIDALLE_MAX_HEIGHT": "256", "MINIDALLE_MAX_IMAGES": "4",
-              "MINIDALLE_MAX_STEPS": "50", "MINIDALLE_MAX_COST": "1000000", "MINIDALLE_MAX_TRAIN_STEPS": "1000",
+              "MINIDALLE_MAX_STEPS": "50", "MINIDALLE_MAX_TRAIN_STEPS": "1000",
               "MINIDALLE_MAX_UPLOAD_BYTES": "300000", "MINIDALLE_MAX_WAIT_S": "60"}
 
 

@@ -168,6 +168,7 @@ def service_env(redis_url: str, data_dir: Path, **overrides: str) -> dict[str, s
         "MINIDALLE_RECONCILE_INTERVAL_S": "0.5",
         "MINIDALLE_JANITOR_INTERVAL_S": "1",
         "MINIDALLE_TORCH_THREADS": "1",  # the test machine has 2 cores, shared
+        "MINIDALLE_AUTH": "open",  # tests of keys set "keys"
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     })

@@ -110,32 +110,6 @@ def test_list_filters_and_counts(store):
     assert ids[1] not in [j["id"] for j in store.list_jobs(limit=10)]
 
 
-def test_waiting_longer_than_the_default_socket_timeout(client):
-    """`POST /generate?wait=` and SSE block for longer than redis-py's default 5 s socket timeout."""
-    import asyncio
-    import time
-
-    from jobs.store import blocking_client
-    from service.views import wait_for_end
-
-    url = "redis://{host}:{port}/{db}".format(**client.connection_pool.connection_kwargs)
-    store = JobStore(client, ttl_s=120, events_maxlen=1000)
-    job_id = store.create("generate", {"prompt": "p"})
-
-    async def wait(seconds: float):
-        aredis = blocking_client(url, asyncio=True)
-        try:
-            return await wait_for_end(aredis, job_id, seconds)
-        finally:
-            await aredis.aclose()
-
-    t0 = time.monotonic()
-    assert asyncio.run(wait(6))["state"] == "queued"  # still queued: no answer, and no TimeoutError either
-    assert time.monotonic() - t0 >= 5.9
-    store.cancel(job_id)  # a queued job ends at once: the waiter gets it
-    assert asyncio.run(wait(6))["state"] == "cancelled"
-
-
 def test_a_recorded_job_whose_enqueue_fails_is_left_to_the_reconciler(store, monkeypatch):
     """The API answers 202 for it (a retry would make a second job); the reconciler enqueues it later."""
     from kombu.exceptions import OperationalError

@@ -1,0 +1,64 @@
+"""Admission: what a request would cost, and whether the queue and the key have room for it, before it is queued.
+
+The cost is the cost model's estimate in worker-seconds (`jobs.cost`). A job estimated to run longer than the
+service's time limit for its kind is refused with a 422 that gives the estimate and the limit. Otherwise the job is
+created only if its queue (jobs and estimated seconds waiting) and its key (live jobs and their seconds) stay within
+their bounds, atomically (`JobStore.admit`); past a bound the answer is 429 with `Retry-After`: the estimated time
+for the work ahead to drain on the workers serving that queue.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import HTTPException
+
+from jobs import presence
+from jobs.cost import CostModel
+from jobs.keys import Principal
+from jobs.store import Bounds, JobStore
+from jobs.volume import new_id
+from service.errors import invalid
+from service.settings import ApiSettings
+from service.views import enqueue_recorded
+
+REASONS = {
+    "queue_full": "the {kind} queue is full ({waiting:.0f} s of work waiting)",
+    "key_jobs": "this key has {jobs} jobs queued or running, its limit",
+    "key_seconds": "this key's queued and running jobs already need {waiting:.0f} s; its limit is {limit:.0f} s",
+}
+
+
+def cost_model(store: JobStore, settings: ApiSettings, model) -> CostModel:
+    return CostModel(store.r, settings.model_name, native_size=model.default_size, vae_factor=model.vae_factor,
+                     default_step_s=settings.default_step_s)
+
+
+def check_time_limit(kind: str, estimate_s: float, settings: ApiSettings, field: str, hint: str) -> None:
+    limit = settings.time_limit_s(kind)
+    if estimate_s > limit:
+        raise invalid(field, f"this {kind} is estimated at {estimate_s:.0f} s on one worker, above the service's "
+                      f"time limit of {limit} s; {hint}", round(estimate_s, 1))
+
+
+def admit(store: JobStore, queue, settings: ApiSettings, principal: Principal, kind: str, request: dict, *,
+          estimate_s: float, job_id: str | None = None) -> str:
+    """Create and enqueue the job, or raise 429 (queue or key limit) with Retry-After."""
+    job_id = job_id or new_id()
+    limits = principal.limits
+    bounds = Bounds(
+        queued_jobs=getattr(settings, f"max_queued_{kind}"), queued_seconds=getattr(settings, f"max_queued_{kind}_s"),
+        key_jobs=math.inf if principal.anonymous else limits.concurrent_jobs or settings.key_concurrent_jobs,
+        key_seconds=math.inf if principal.anonymous else limits.queued_seconds or settings.key_queued_seconds)
+    webhook = request.get("webhook_url")
+    outcome = store.admit(kind, request, job_id=job_id, owner=principal.id, estimate_s=estimate_s, bounds=bounds,
+                          webhook_url=webhook, webhook_progress=bool(request.get("webhook_progress")))
+    if not outcome.ok:
+        workers = max(1, presence.ready_by_queue(store.r, (kind,)).get(kind, 0))
+        retry = max(1, math.ceil(outcome.waiting_s / workers))
+        jobs, _ = store.active_usage(principal.id)
+        detail = REASONS[outcome.reason].format(kind=kind, waiting=outcome.waiting_s, jobs=jobs,
+                                                limit=bounds.key_seconds)
+        raise HTTPException(429, f"{detail}; retry in about {retry} s", headers={"Retry-After": str(retry)})
+    enqueue_recorded(store, queue, kind, job_id)
+    return job_id
