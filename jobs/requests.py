@@ -9,14 +9,26 @@ meet. Operator caps (`max_steps`, `max_train_steps`, ...) are the API's settings
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from jobs.volume import ID_PATTERN
 from minidalle.params import ADAPTER_NAME_PATTERN, FINETUNE, GENERATE, Finetune, Generate, Param
 
 MAX_PROMPT_CHARS = 4000  # far above any text encoder's token limit; the tokenizer's count is checked too
+
+
+def _unicode(v: str) -> str:
+    """Text that can be written anywhere (PNG chunks, logs, JSON answers): no lone surrogates."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate such as \\ud800)") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 def _webhook_url() -> Any:
@@ -51,7 +63,7 @@ def _choice(p: Param, value: str | None) -> str | None:
 
 class AdapterRef(_Body):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="An adapter listed by GET /adapters.")
-    scale: float = field(Generate.adapter_scale)
+    scale: float = field(Generate.adapter_scale, strict=True)
 
 
 class GenerateRequest(_Body):
@@ -67,17 +79,18 @@ class GenerateRequest(_Body):
         },
     )
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    num_images: int = field(Generate.num_images_per_prompt)
-    num_inference_steps: int = field(Generate.num_inference_steps)
-    guidance_scale: float = field(Generate.guidance_scale)
+    # numbers are strict: `true` or "2" for an image count is a mistake to report, not to guess at
+    prompt: Text = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: Text | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    num_images: int = field(Generate.num_images_per_prompt, strict=True)
+    num_inference_steps: int = field(Generate.num_inference_steps, strict=True)
+    guidance_scale: float = field(Generate.guidance_scale, strict=True)
     seed: int | None = field(Generate.seed, strict=True)
-    width: int | None = field(Generate.width)
-    height: int | None = field(Generate.height)
-    scheduler: str | None = field(Generate.scheduler)
+    width: int | None = field(Generate.width, strict=True)
+    height: int | None = field(Generate.height, strict=True)
+    scheduler: Text | None = field(Generate.scheduler)
     adapters: list[AdapterRef] = Field(default_factory=list, max_length=Generate.max_adapters)
-    webhook_url: str | None = _webhook_url()
+    webhook_url: Text | None = _webhook_url()
     webhook_progress: bool = _webhook_progress()
 
     @field_validator("prompt")
@@ -119,7 +132,7 @@ class FinetuneRequest(_Body):
     dataset_id: str | None = Field(None, pattern=ID_PATTERN, description="From POST /datasets.")
     steps: int = field(Finetune.steps)
     learning_rate: float = field(Finetune.learning_rate)
-    lr_scheduler: str = field(Finetune.lr_scheduler)
+    lr_scheduler: Text = field(Finetune.lr_scheduler)
     lr_warmup_steps: int = field(Finetune.lr_warmup_steps)
     rank: int = field(Finetune.rank)
     alpha: float = field(Finetune.alpha)
@@ -131,9 +144,9 @@ class FinetuneRequest(_Body):
     caption_dropout: float = field(Finetune.caption_dropout)
     random_flip: bool = field(Finetune.random_flip)
     checkpoint_every: int | None = field(Finetune.checkpoint_every)
-    validation_prompts: list[str] = field(Finetune.validation_prompts)
+    validation_prompts: list[Text] = field(Finetune.validation_prompts)
     seed: int = field(Finetune.seed)
-    webhook_url: str | None = _webhook_url()
+    webhook_url: Text | None = _webhook_url()
     webhook_progress: bool = _webhook_progress()
 
     @field_validator("lr_scheduler")

@@ -54,6 +54,8 @@ def _scan_imagefolder(root: Path, meta: Path) -> list[Example]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise InvalidInput("dataset_dir", f"metadata.jsonl line {lineno}: not JSON ({e.msg})") from e
+        except RecursionError as e:
+            raise InvalidInput("dataset_dir", f"metadata.jsonl line {lineno}: nested too deeply") from e
         ok = isinstance(rec, dict) and isinstance(rec.get("file_name"), str) and isinstance(rec.get("text"), str)
         if not ok:
             raise InvalidInput("dataset_dir", f"metadata.jsonl line {lineno}: needs string fields 'file_name' and "

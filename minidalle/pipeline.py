@@ -92,8 +92,9 @@ class MiniDallePipeline:
         except OSError as e:  # missing folder/files, unknown hub id, no network, no safetensors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InvalidInput("model", f"cannot load {model!r}: {first}") from e
+        kwargs.setdefault("model_id", model)  # what images and adapters record; a service passes a public name
         pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, unet=unet, vae=vae,
-                   scheduler=scheduler, model_id=model, **kwargs)
+                   scheduler=scheduler, **kwargs)
         return pipe.to(dev)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:

@@ -35,6 +35,8 @@ CAPTION_EXT = ".txt"
 METADATA_FILE = "metadata.jsonl"
 INFO_FILE = DATASET_INFO
 CHUNK = 1 << 20
+MAX_NAME_BYTES = 200  # a file system's limit is 255 bytes a name; leave room for our temporary suffixes
+MAX_DEPTH = 16
 
 
 class UploadRejected(InvalidInput):
@@ -79,6 +81,9 @@ def _member_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
     parts = [p for p in norm.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UploadRejected(f"member {name!r} points outside the archive ('..')")
+    if any(len(p.encode("utf-8", "replace")) > MAX_NAME_BYTES for p in parts) or len(parts) > MAX_DEPTH:
+        raise UploadRejected(f"member {name[:80]!r}…: names are at most {MAX_NAME_BYTES} bytes a part and "
+                             f"{MAX_DEPTH} folders deep")
     if info.is_dir() or kind == stat.S_IFDIR or not parts:
         return None
     return PurePosixPath(*parts)
@@ -150,6 +155,8 @@ def _read_metadata(path: Path, rel: PurePosixPath, images: set[PurePosixPath]) -
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UploadRejected(f"member {str(rel)!r} line {n}: invalid JSON ({e.msg})") from e
+        except RecursionError as e:  # the parser recurses: a deeply nested line would crash the request
+            raise UploadRejected(f"member {str(rel)!r} line {n}: nested too deeply") from e
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(
                 row.get("text"), str):
             raise UploadRejected(f"member {str(rel)!r} line {n}: needs string fields 'file_name' and 'text'")

@@ -19,7 +19,7 @@ from jobs.store import JobStore
 from jobs.volume import Volume
 from minidalle.errors import InvalidInput
 from service.auth import Auth, RateLimitHeaders
-from service.errors import STORE_DOWN, invalid_input, store_unavailable, validation_failed
+from service.errors import STORE_DOWN, invalid_input, store_unavailable, too_deep, unexpected, validation_failed
 from service.events import EventHub, short_command_client
 from service.middleware import BodySizeLimit, JsonOnly, RequestMetrics
 from service.model_info import get_model_info
@@ -76,6 +76,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.add_exception_handler(exc, store_unavailable)
     app.add_exception_handler(RequestValidationError, validation_failed)
     app.add_exception_handler(InvalidInput, invalid_input)
+    app.add_exception_handler(RecursionError, too_deep)
+    app.add_exception_handler(Exception, unexpected)
 
     upload_limit = settings.max_upload_bytes + (1 << 20)  # multipart framing and the other form fields
 

@@ -214,9 +214,9 @@ def run_job(job_id: str, body: Callable[[JobRun], dict]) -> None:
         store.finish(job_id, "failed", error=f"{api_name(e.field)}: {e.message}")
     except ValueError as e:
         store.finish(job_id, "failed", error=str(e))
-    except Exception as e:  # the job fails with the reason; the worker lives on
+    except Exception as e:  # the job fails; the worker lives on; the details (paths, hosts) stay in its log
         log.exception("job %s failed", job_id)
-        store.finish(job_id, "failed", error=f"{type(e).__name__}: {e}")
+        store.finish(job_id, "failed", error=f"internal error ({type(e).__name__}); the worker's log has the details")
     else:
         store.finish(job_id, "succeeded", result=result)
     _count_ended(store, job)

@@ -28,7 +28,8 @@ def get_pipeline(settings: WorkerSettings):
             log.info("loading model %s", settings.model or "(embedded default)")
             _pipe = MiniDallePipeline.from_pretrained(settings.model or None, torch_dtype=settings.torch_dtype or None,
                                                       device=settings.device or None,
-                                                      max_loaded_adapters=settings.adapter_cache_size)
+                                                      max_loaded_adapters=settings.adapter_cache_size,
+                                                      model_id=settings.model_name)  # never a server path
             log.info("model loaded on %s (%s)", _pipe.device, _pipe.dtype)
         return _pipe
 

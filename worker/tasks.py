@@ -93,7 +93,9 @@ def _finetune(run: JobRun) -> dict:
         except InvalidInput as e:
             if e.field != "dataset_dir":
                 raise
-            raise e.renamed("dataset_id") from e  # the client named a dataset id, not a folder
+            # the client named a dataset id, not a folder: say it in its terms, with no server path
+            message = e.message.replace(str(dataset_dir) + "/", "").replace(str(dataset_dir), "the dataset")
+            raise InvalidInput("dataset_id", message) from e
         size = result_t.resolution
         _learn_cost(run, "finetune", pipe, width=size, height=size, batch=req.batch_size * req.grad_accum)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from minidalle.training.checkpoint import flatten_optimizer, jsonable, latest_ch
 from minidalle.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
+LOCAL_FIELDS = ("dataset_dir", "output_dir", "work_dir", "model")  # paths: not written into adapter.json
 TRAIN_ADAPTER = "minidalle-train"  # name of the LoRA being trained on a (possibly resident) UNet
 VALIDATION_ADAPTER = "minidalle-validation"
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -285,8 +286,10 @@ class Trainer:
     def export(self, out_dir: Path, loss: float | None = None) -> Path:
         """Write the adapter folder (adapter.safetensors, adapter.json, pytorch_lora_weights.safetensors)."""
         cfg = self.config
+        # the recipe, not where it ran: folders are this machine's business (and a service's secret)
+        training = {k: v for k, v in jsonable(dataclasses.asdict(cfg)).items() if k not in LOCAL_FIELDS}
         meta = dict(base_model=self.pipe.model_id, base_model_hash=self.pipe.model_hash,
-                    training=jsonable(dataclasses.asdict(cfg)), steps=self.step, dataset_hash=self.data_hash,
+                    training=training, steps=self.step, dataset_hash=self.data_hash,
                     num_images=len(self.examples), final_loss=loss, resolution=self.resolution,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         prior = {k: v.detach().float().cpu() for k, v in self.prior_mlp.state_dict().items()} \

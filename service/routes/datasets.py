@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, File, HTTPException, UploadFile
+from fastapi import APIRouter, File, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 
@@ -60,9 +60,12 @@ async def ingest(upload: StarletteUpload, settings, principal: Principal) -> Ext
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetInfo, responses=UPLOAD_RESPONSES)
-async def create_dataset(settings: SettingsDep, principal: PrincipalDep, file: UploadFile = File(
+async def create_dataset(request: Request, settings: SettingsDep, principal: PrincipalDep, file: UploadFile = File(
         description="A zip of images with captions: metadata.jsonl (file_name, text) or img.png + img.txt pairs.")):
     """Upload a training dataset; it is safely extracted and validated before an id is given."""
+    form = await request.form()  # already parsed for `file`: not read twice
+    if len(form.getlist("file")) > 1:
+        raise invalid("file", "send one zip, not several")
     ds = await ingest(file, settings, principal)
     return {"dataset_id": ds.dataset_id, "images": ds.images, "warnings": ds.warnings}
 

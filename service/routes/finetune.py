@@ -44,18 +44,20 @@ async def finetune(request: Request, settings: SettingsDep, store: StoreDep, que
     """Queue a LoRA (+ prior) fine-tune that publishes adapter `name` when it succeeds."""
     upload = None
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=64)
+        form = await request.form(max_files=2, max_fields=64)  # a second file is refused below, by name
         fields: dict = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != "file":
                     raise invalid(key, "unexpected file field; send the zip as 'file'")
+                if upload is not None:
+                    raise invalid("file", "send one zip, not several")
                 upload = value
             elif key == "validation_prompts":
                 fields.setdefault(key, []).append(value)
             elif value != "":  # an empty form field means "not given"
                 fields[key] = value
-        req = _validate(fields)
+        req = _validate(fields, strict=False)
         if upload is None and req.dataset_id is None:
             raise invalid("file", "upload the dataset zip as 'file' or give a dataset_id")
         if upload is not None and req.dataset_id is not None:
@@ -67,7 +69,7 @@ async def finetune(request: Request, settings: SettingsDep, store: StoreDep, que
             raise invalid("body", f"not valid JSON ({e})") from e
         except RecursionError as e:  # json's parser is recursive: a deeply nested body would be a 500
             raise invalid("body", "nested too deeply") from e
-        req = _validate(body)
+        req = _validate(body, strict=True)
         if req.dataset_id is None:
             raise invalid("dataset_id", "required (or post multipart/form-data with the zip as 'file')")
     estimate = _check_caps(req, settings, model, store, vol)
@@ -80,9 +82,10 @@ async def finetune(request: Request, settings: SettingsDep, store: StoreDep, que
                                    queue, principal, estimate)
 
 
-def _validate(data) -> FinetuneRequest:
+def _validate(data, *, strict: bool) -> FinetuneRequest:
+    """JSON strictly (a number is a number); form fields are text, converted."""
     try:
-        return FinetuneRequest.model_validate(data)
+        return FinetuneRequest.model_validate(data, strict=strict)
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
 
