@@ -13,6 +13,7 @@ built-in `anonymous` principal, which is an admin: today's single-user behaviour
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -68,6 +69,11 @@ class Principal:
 ANONYMOUS = Principal(ANONYMOUS_ID, "anonymous", admin=True)
 
 
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` + standard base64 of 24 random bytes (what its libraries decode)."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -109,7 +115,7 @@ class KeyStore:
         key_id = "key_" + secrets.token_hex(6)
         record = {"id": key_id, "name": name, "admin": "1" if admin else "0", "revoked": "0",
                   "created_at": repr(time.time()), "limits": json.dumps(asdict(limits or Limits())),
-                  "webhook_secret": "whsec_" + secrets.token_urlsafe(24)}
+                  "webhook_secret": new_webhook_secret()}
         p = self.r.pipeline(transaction=True)
         p.hset(_record_key(token_hash), mapping=cast(Any, record))
         p.hset(INDEX, key_id, token_hash)
@@ -162,7 +168,7 @@ class KeyStore:
     def webhook_secret(self, key_id: str) -> str:
         """The secret a key's webhooks are signed with (Standard Webhooks, `whsec_…`)."""
         if key_id == ANONYMOUS_ID:
-            self.r.set(ANONYMOUS_SECRET, "whsec_" + secrets.token_urlsafe(24), nx=True)
+            self.r.set(ANONYMOUS_SECRET, new_webhook_secret(), nx=True)
             return cast(str, self.r.get(ANONYMOUS_SECRET))
         token_hash = cast(str | None, self.r.hget(INDEX, key_id))
         secret = cast(str | None, self.r.hget(_record_key(token_hash), "webhook_secret")) if token_hash else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from minidalle.embedded import default_model
@@ -62,6 +62,15 @@ class CommonSettings(BaseSettings):
     def visibility_timeout_s(self) -> int:
         # Above the longest time limit, or Redis would hand a still-running fine-tune to a second worker.
         return max(self.generate_time_limit_s, self.finetune_time_limit_s) + 3600
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None  # `MINIDALLE_ADMIN_KEY=` (as in .env.example): not set
+        if len(v.get_secret_value()) < 16:
+            raise ValueError("MINIDALLE_ADMIN_KEY must be at least 16 characters (a long random secret)")
+        return v
 
     @property
     def model_name(self) -> str:

@@ -24,6 +24,7 @@ import redis
 from jobs.events import EventChannel
 from jobs.lua import ADMIT, CANCEL, CLAIM, FINISH, HEARTBEAT, RECONCILE, RELEASE, REQUEUE
 from jobs.volume import new_id as new_job_id
+from jobs.webhooks import OUTBOX_KEY
 
 log = logging.getLogger(__name__)
 PREFIX = "minidalle:"
@@ -36,7 +37,7 @@ JANITOR_LOCK = PREFIX + "janitor"
 ADAPTER_RESERVATION = PREFIX + "adapter-reserved:"
 QUEUED_KEY = PREFIX + "queued"  # hash "{kind}:jobs" / "{kind}:seconds": what waits in each queue (estimates)
 USAGE_ACTIVE_KEY = PREFIX + "usage:active"  # hash "{owner}:jobs" / "{owner}:seconds": each key's live jobs
-WEBHOOK_OUTBOX = PREFIX + "webhooks:outbox"  # job ids whose final state a webhook must announce (jobs.webhooks)
+WEBHOOK_OUTBOX = OUTBOX_KEY  # job ids whose final state a webhook must announce (pushed by FINISH / CANCEL)
 UNLIMITED = float("inf")
 
 KINDS = ("generate", "finetune")

@@ -58,6 +58,9 @@ def _on_worker_init(sender=None, **_):
     _state["phase"] = "loading"
     threading.Thread(target=_presence_loop, name="presence", daemon=True).start()
     threading.Thread(target=_reconcile_loop, name="reconciler", daemon=True).start()
+    from worker import webhooks
+
+    webhooks.start(get_store(), settings, _stop)  # delivers the webhooks of every worker's finished jobs
     if settings.preload:
         from worker.runtime import get_pipeline
 

@@ -21,6 +21,7 @@ from minidalle import Cancelled
 from minidalle.errors import InvalidInput
 from worker import lifecycle
 from worker.settings import WorkerSettings, get_worker_settings
+from worker.webhooks import note_progress
 
 log = logging.getLogger(__name__)
 # Progress events go to Redis in batches, at most this often (SSE still gets one event per step).
@@ -109,10 +110,6 @@ class JobRun:
     def publish(self, data: dict, event: str = "progress") -> None:
         """Record an event and check whether the job must stop here (cancelled, lost, past its time limit)."""
         self._events.append((event, data))
-        if event == "progress" and self._progress_hook:
-            from worker.webhooks import note_progress
-
-            note_progress(self.store.r, self.id)
         if event != "progress":
             self.flush()
         else:
@@ -122,6 +119,8 @@ class JobRun:
                 self._send()
                 if self._step_s >= WAIT_AFTER_STEP_S:
                     self._receive()
+        if event == "progress" and self._progress_hook:  # after the batch: the hash holds this step's progress
+            note_progress(self.store.r, self.id)
         done = event == "progress" and data.get("step") == data.get("total")
         self._raise_if_stopping(*self.flags, done=done)
 

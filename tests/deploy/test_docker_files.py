@@ -87,8 +87,18 @@ def test_api_and_worker_share_the_data_volume_and_redis(compose):
         assert env["MINIDALLE_REDIS_URL"] == "redis://redis:6379/0", name
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
         _check_command(svc["command"])
-    assert services["api"]["ports"] == ["8000:8000"]
+    # inside its container the API listens on every interface; the host publishes it on loopback unless told
+    assert services["api"]["ports"] == ["${MINIDALLE_BIND:-127.0.0.1}:8000:8000"]
     assert "--host" in services["api"]["command"] and "0.0.0.0" in services["api"]["command"]
+
+
+def test_compose_requires_keys_with_a_bootstrap_admin_key(compose):
+    for name in ("api", "worker"):
+        env = compose["services"][name]["environment"]
+        assert env["MINIDALLE_AUTH"] == "keys", name
+        assert env["MINIDALLE_ADMIN_KEY"].startswith("${MINIDALLE_ADMIN_KEY:?"), name  # compose refuses without it
+    text = (REPO / ".env.example").read_text()
+    assert re.search(r"^MINIDALLE_ADMIN_KEY=", text, flags=re.M)  # the one setting .env must have
 
 
 def test_worker_reserves_an_nvidia_gpu(compose):
