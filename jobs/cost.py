@@ -18,6 +18,7 @@ training steps; until one was measured it is taken as `TRAIN_FACTOR` forward pas
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import cast
 
@@ -28,6 +29,10 @@ KEEP = 200  # samples per model and kind: enough to follow a change (new GPU, ot
 TRAIN_FACTOR = 3.0  # a training step ≈ forward + backward ≈ 3 forward passes of the same batch
 NATIVE_QUADRATIC_SHARE = 0.3  # prior with one size only: attention's share of a step at the native size
 DECODE_STEPS = 1.0  # the VAE decode and PNG per image cost about one step (a floor, not fitted)
+
+
+REFIT_S = 2.0
+_FITS: dict[tuple, tuple[StepModel, float]] = {}
 
 
 def samples_key(model: str, kind: str) -> str:
@@ -87,8 +92,16 @@ class CostModel:
         self.default_step_s = default_step_s
 
     def _model(self, kind: str) -> StepModel:
+        """The fit of the recorded samples, refitted at most every `REFIT_S` per process (a flood of requests
+        must not each read and fit 200 samples)."""
+        key = (samples_key(self.model, kind), self.native_tokens, self.default_step_s)
+        hit = _FITS.get(key)
+        if hit is not None and time.monotonic() - hit[1] < REFIT_S:
+            return hit[0]
         raw = cast(list[str], self.r.lrange(samples_key(self.model, kind), 0, KEEP - 1))
-        return fit([tuple(json.loads(x)) for x in raw], self.native_tokens, self.default_step_s)
+        model = fit([tuple(json.loads(x)) for x in raw], self.native_tokens, self.default_step_s)
+        _FITS[key] = (model, time.monotonic())
+        return model
 
     def generate_s(self, *, width: int, height: int, steps: int, images: int, guidance_scale: float) -> float:
         """Estimated seconds of a generate job on one worker."""

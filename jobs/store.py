@@ -89,9 +89,25 @@ def blocking_client(url: str, *, asyncio: bool = False):
         from redis import asyncio as aioredis
 
         return aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=None, socket_connect_timeout=5,
-                                       socket_keepalive=True, health_check_interval=30)
+                                       socket_keepalive=True, health_check_interval=30, **reconnecting(asyncio=True))
     return redis.Redis.from_url(url, decode_responses=True, socket_timeout=None, socket_connect_timeout=5,
-                                socket_keepalive=True, health_check_interval=30)
+                                socket_keepalive=True, health_check_interval=30, **reconnecting())
+
+
+def reconnecting(*, asyncio: bool = False) -> dict:
+    """Retry a command on a fresh connection when its pooled one died (a Redis restart closes them all): the
+    first request after the restart should not be the one that fails."""
+    from redis.backoff import ExponentialBackoff
+
+    if asyncio:
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return {"retry": AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+                "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
+    from redis.retry import Retry
+
+    return {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
 
 
 def done_key(job_id: str) -> str:

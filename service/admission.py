@@ -9,14 +9,16 @@ for the work ahead to drain on the workers serving that queue.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 from fastapi import HTTPException
 
 from jobs import presence
 from jobs.cost import CostModel
 from jobs.keys import Principal
-from jobs.store import Bounds, JobStore
+from jobs.store import QUEUED_KEY, WORKER_KEY, Bounds, JobStore
 from jobs.volume import new_id
 from service.errors import invalid
 from service.settings import ApiSettings
@@ -27,6 +29,32 @@ REASONS = {
     "key_jobs": "this key has {jobs} jobs queued or running, its limit",
     "key_seconds": "this key's queued and running jobs already need {waiting:.0f} s; its limit is {limit:.0f} s",
 }
+
+
+_WORKERS: dict[str, tuple[int, float]] = {}
+
+
+async def ready_workers(aredis, kind: str) -> int:
+    """Workers with the model loaded serving `kind` (cached a second: asked on every refusal of a flood)."""
+    hit = _WORKERS.get(kind)
+    if hit is not None and time.monotonic() - hit[1] < 1.0:
+        return hit[0]
+    keys = [k async for k in aredis.scan_iter(match=WORKER_KEY + "*", count=500)]
+    infos = [json.loads(v) for v in (await aredis.mget(keys) if keys else []) if v]
+    n = sum(1 for w in infos if w.get("state") == "ready" and kind in w.get("queues", []))
+    _WORKERS[kind] = (n, time.monotonic())
+    return n
+
+
+async def precheck(aredis, settings: ApiSettings, kind: str) -> None:
+    """A cheap refusal before any work (tokenizing, estimating) when the queue is already full: under a flood most
+    requests end here. `admit` stays the authority, atomically."""
+    jobs, seconds = await aredis.hmget(QUEUED_KEY, f"{kind}:jobs", f"{kind}:seconds")
+    if int(jobs or 0) >= getattr(settings, f"max_queued_{kind}") or \
+            float(seconds or 0) >= getattr(settings, f"max_queued_{kind}_s"):
+        retry = max(1, math.ceil(float(seconds or 0) / max(1, await ready_workers(aredis, kind))))
+        raise HTTPException(429, f"the {kind} queue is full ({float(seconds or 0):.0f} s of work waiting); retry in "
+                            f"about {retry} s", headers={"Retry-After": str(retry)})
 
 
 def cost_model(store: JobStore, settings: ApiSettings, model) -> CostModel:

@@ -4,7 +4,7 @@
 `open` it acts as the built-in admin `anonymous`. A known key is cached for a few seconds (a revoked key stops
 working within `CACHE_S`), so a request costs no Redis round trip for its key most of the time.
 
-Every keyed request counts against its key's requests per minute (a moving window in Redis, shared by every API
+Every keyed request counts against its key's requests per minute (a sliding window in Redis, shared by every API
 replica); answers carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (seconds until a
 request is free again), and a request over the limit is a 429 with `Retry-After`.
 """
@@ -17,7 +17,8 @@ import time
 from fastapi import HTTPException, Request
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from redis.asyncio import BlockingConnectionPool
 
 from jobs.keys import ANONYMOUS, Limits, Principal, authenticate_async, digest
 from service.settings import ApiSettings
@@ -32,8 +33,14 @@ class Auth:
                                concurrent_jobs=settings.key_concurrent_jobs,
                                queued_seconds=settings.key_queued_seconds, disk_bytes=settings.key_disk_bytes,
                                upload_bytes=settings.max_upload_bytes)
-        storage = RedisStorage("async+" + settings.broker_url, implementation="redispy", key_prefix="minidalle:rate")
-        self.limiter = MovingWindowRateLimiter(storage)
+        # its own bounded pool: a flood waits for a connection instead of failing with "too many connections"
+        pool = BlockingConnectionPool.from_url(settings.broker_url, max_connections=32, timeout=10,
+                                               socket_connect_timeout=5)
+        storage = RedisStorage("async+" + settings.broker_url, implementation="redispy", key_prefix="minidalle:rate",
+                               connection_pool=pool)  # type: ignore[arg-type]  # passed on to redis-py
+        # a sliding window of two counters: O(1) per request whatever the limit (a moving window keeps a
+        # timestamp per request, which a generous limit makes long)
+        self.limiter = SlidingWindowCounterRateLimiter(storage)
         self._cache: dict[str, tuple[Principal, float]] = {}
 
     async def principal(self, request: Request) -> Principal:

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import HTTPException
 from redis import asyncio as aioredis
 
-from jobs.store import TERMINAL, events_key, job_key
+from jobs.store import TERMINAL, events_key, job_key, reconnecting
 
 log = logging.getLogger(__name__)
 QUEUE_SIZE = 2000  # entries a listener may lag behind before it re-reads from Redis instead
@@ -33,7 +33,7 @@ def short_command_client(url: str, max_connections: int = 64) -> aioredis.Redis:
     wait for a free connection rather than open more (blocking reads go through the hub's one connection)."""
     return aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
         url, decode_responses=True, max_connections=max_connections, timeout=10, socket_connect_timeout=5,
-        socket_keepalive=True, health_check_interval=30))
+        socket_keepalive=True, health_check_interval=30, **reconnecting(asyncio=True)))
 
 
 def _newer(a: str, b: str) -> bool:

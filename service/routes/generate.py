@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import secrets
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from jobs.keys import Principal
 from jobs.store import TERMINAL
 from service.access import adapter_of
-from service.admission import admit, check_time_limit, cost_model
+from service.admission import admit, check_time_limit, cost_model, precheck
 from service.deps import HubDep, ModelInfoDep, PrincipalDep, QueueDep, SettingsDep, StoreDep, VolumeDep
 from service.errors import STORE_DOWN, invalid
 from service.schemas import GenerateRequest, JobAccepted
@@ -27,14 +27,16 @@ router = APIRouter(tags=["generate"])
                         404: {"description": "An adapter named in `adapters` does not exist."},
                         422: {"description": "Invalid field (the message names it)."},
                         429: {"description": "The queue or this key's limits are full; see Retry-After."}})
-async def generate(req: GenerateRequest, settings: SettingsDep, store: StoreDep, queue: QueueDep,
+async def generate(request: Request, req: GenerateRequest, settings: SettingsDep, store: StoreDep, queue: QueueDep,
                    hub: HubDep, model: ModelInfoDep, principal: PrincipalDep, volume: VolumeDep,
                    wait: float = Query(0, ge=0, description="Seconds to wait for the images before answering 202.")):
     """Queue a text-to-image job; 202 with its links, or 200 with the finished job when it ends within `wait`."""
     if wait > settings.max_wait_s:
         raise invalid("wait", f"at most {settings.max_wait_s} seconds", wait, where="query")
-    # tokenizer and blocking I/O: a thread
-    job_id = await run_in_threadpool(_submit, req, settings, store, queue, model, principal, volume)
+    await precheck(hub.pool, settings, "generate")
+    async with request.app.state.submit_slots:  # a few at a time: a flood queues here, not in 40 busy threads
+        # tokenizer and blocking I/O: a thread
+        job_id = await run_in_threadpool(_submit, req, settings, store, queue, model, principal, volume)
     # the wait holds no thread: a thousand waiting clients must not starve the threadpool the other routes use
     try:
         job = await wait_for_end(hub, job_id, wait, principal.id) if wait else None

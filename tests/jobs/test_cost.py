@@ -38,6 +38,7 @@ def test_estimates_read_what_workers_recorded(store):
     assert before == pytest.approx(1.0 * 2 * 11)  # default 1 s per image-step, guidance doubles the batch
     for _ in range(cost.KEEP + 10):
         cost.record(store.r, "m", "generate", tokens=64, batch=2, step_s=0.02)
+    cost._FITS.clear()  # fits are reused for a couple of seconds
     assert store.r.llen(cost.samples_key("m", "generate")) == cost.KEEP
     assert model.generate_s(width=32, height=32, steps=10, images=1, guidance_scale=7.5) == pytest.approx(0.22)
     # a fine-tune before any training step was measured: three forward passes per sample
