@@ -53,7 +53,8 @@ return {'ok', ''}
 
 # KEYS: job, events, active, stats, done, queued, usage, webhook outbox
 # ARGV: state, result_json, error, ttl, maxlen, event_data_json, job_id
-# `done` gets the final state pushed, for the one request that waits on the job (BLPOP, no wake-up per step);
+# `done` gets the final state pushed: one key that exists only once the job ended (a client may BLPOP it; the API
+# waits through its event hub instead);
 # a job with a webhook goes into the outbox the workers deliver from, in the same step as its final state.
 _FINISH_BODY = """
 if state == 'queued' then _add(KEYS[6], _kind(), -1) end

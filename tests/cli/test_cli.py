@@ -243,3 +243,26 @@ def test_ctrl_c_during_finetune_checkpoints_and_a_rerun_resumes(dataset, tmp_pat
     rc, lines, err = _run_main(capsys, *argv)  # the same command again: resumes at step 3
     assert rc == 0, err
     assert steps_seen == [1, 2, 3, 4] and lines == [str(out)]
+
+
+def test_keys_create_list_revoke(client, capsys):
+    """`minidalle keys` against a real redis-server: the key is printed once, only its hash is stored."""
+    from jobs.keys import KEY_PREFIX, KeyStore
+
+    url = "redis://{host}:{port}/{db}".format(**client.connection_pool.connection_kwargs)
+    client.flushdb()
+    rc, lines, err = _run_main(capsys, "keys", "--redis-url", url, "create", "alice", "--concurrent-jobs", "3")
+    assert rc == 0, err
+    token = lines[0].split()[-1]
+    assert token.startswith("md_") and lines[2].split()[-1].startswith("whsec_")
+    stored = "\n".join(str(client.hgetall(k)) for k in client.scan_iter(KEY_PREFIX + "*"))
+    assert token not in stored  # only its hash
+    principal = KeyStore(client).authenticate(token)
+    assert principal.name == "alice" and principal.limits.concurrent_jobs == 3 and not principal.admin
+    rc, lines, _ = _run_main(capsys, "keys", "--redis-url", url, "list")
+    assert rc == 0 and "alice" in lines[0] and token not in "\n".join(lines)
+    rc, lines, _ = _run_main(capsys, "keys", "--redis-url", url, "revoke", "alice")
+    assert rc == 0 and lines[0].startswith("revoked key_")
+    assert KeyStore(client).authenticate(token) is None
+    rc, _, err = _run_main(capsys, "keys", "--redis-url", url, "revoke", "nobody")
+    assert rc == 2 and _one_line_error(err).startswith("minidalle: error: key: no key")

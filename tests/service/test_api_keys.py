@@ -79,6 +79,25 @@ def test_reads_of_a_job_and_its_files(keyed):
     assert keyed.clients["revoked"].get("/me").json()["detail"] == "unknown or revoked API key"
 
 
+def test_every_route_needs_a_valid_key(keyed):
+    t = keyed.things
+    zipped = {"file": ("d.zip", shapes_dataset_zip(2), "application/zip")}
+    routes = [("GET", "/jobs"), ("GET", "/adapters"), ("GET", "/me"), ("GET", "/usage"), ("GET", "/metrics"),
+              ("POST", "/generate", {"json": {"prompt": "x", "num_inference_steps": 2}}),
+              ("POST", "/datasets", {"files": zipped}),
+              ("POST", "/finetune", {"json": {"name": "nokey", "dataset_id": t["dataset"], "steps": 2}}),
+              ("GET", f"/jobs/{t['job']}/validation/final/0.png"),
+              ("PATCH", f"/adapters/{t['adapter']}", {"json": {"visibility": "public"}}),
+              ("DELETE", f"/adapters/{t['adapter']}")]
+    for method, url, *kw in routes:
+        for who in ("none", "revoked"):
+            r = keyed.clients[who].request(method, url, **(kw[0] if kw else {}))
+            assert r.status_code == 401, (who, method, url, r.status_code, r.text)
+    r = keyed.clients["other"].post("/datasets", files={"file": ("d.zip", shapes_dataset_zip(2), "application/zip")})
+    assert r.status_code == 201  # any key may upload; the dataset is then its own
+    assert keyed.clients["owner"].get(f"/datasets/{r.json()['dataset_id']}").status_code == 404
+
+
 def test_lists_show_only_your_own(keyed):
     t = keyed.things
     ids = {who: [j["id"] for j in keyed.clients[who].get("/jobs").json()["jobs"]] for who in ("owner", "other",

@@ -1,0 +1,6 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ on the path: `_support`
+
+from _support.fixtures import *  # noqa: F403
