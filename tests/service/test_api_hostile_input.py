@@ -42,6 +42,12 @@ def test_deep_json_is_a_4xx(stack):
     assert stack.http.post("/generate", content=DEEP, headers=JSON).status_code == 400
 
 
+def test_a_finetune_json_body_is_capped_like_generate(stack):
+    big = b'{"name": "big", "dataset_id": "' + b"0" * 32 + b'", "validation_prompts": ["' + b"x" * (2 << 20) + b'"]}'
+    r = stack.http.post("/finetune", content=big, headers=JSON)
+    assert r.status_code == 413 and "request body is larger" in r.json()["detail"], r.text[:200]
+
+
 def test_a_large_input_is_not_echoed(stack):
     r = stack.http.post("/generate", json={"prompt": "x", "scheduler": "y" * 100_000})
     assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)

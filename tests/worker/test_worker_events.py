@@ -174,3 +174,17 @@ def test_jobrun_keeps_events_it_could_not_send_and_sends_them_later(store, monke
     events = _events(store, job_id)
     assert [d["step"] for t, d in events if t == "progress"] == [1, 2, 3, 4, 5]
     assert events[-1][0] == "image"
+
+
+def test_the_time_limit_stops_between_steps_but_never_throws_away_the_last_one(store):
+    """A step can't be interrupted: past the deadline the next step is not started, but a job whose last step
+    finished past it keeps its work (admission refused what was estimated not to fit)."""
+    job_id = _running(store)
+    with _run(store, job_id) as run:
+        run.deadline = 0.0  # long past
+        run.publish({"step": 1, "total": 1})  # the only step is done: no Stop
+    job_id = _running(store)
+    with _run(store, job_id) as run, pytest.raises(worker_run.Stop) as e:
+        run.deadline = 0.0
+        run.publish({"step": 1, "total": 2})
+    assert e.value.reason == "time_limit"
