@@ -127,10 +127,15 @@ class CostModel:
         return step * steps + validation
 
 
+def record_commands(model: str, kind: str, *, tokens: int, batch: float, step_s: float) -> list[tuple]:
+    """The Redis commands that add one measurement (a worker sends them with a job's last events)."""
+    key = samples_key(model, kind)
+    return [("LPUSH", key, json.dumps([tokens, batch, round(step_s, 6)])), ("LTRIM", key, 0, KEEP - 1)]
+
+
 def record(client: redis.Redis, model: str, kind: str, *, tokens: int, batch: float, step_s: float) -> None:
     """A worker measured `step_s` seconds per step for `tokens` latent tokens and batch factor `batch`."""
-    key = samples_key(model, kind)
     p = client.pipeline(transaction=False)
-    p.lpush(key, json.dumps([tokens, batch, round(step_s, 6)]))
-    p.ltrim(key, 0, KEEP - 1)
+    for command in record_commands(model, kind, tokens=tokens, batch=batch, step_s=step_s):
+        p.execute_command(*command)
     p.execute()

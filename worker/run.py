@@ -63,6 +63,7 @@ class JobRun:
         self._step_s = 0.0  # how long the last step took
         self.step_seconds: list[float] = []  # every step of this run (the cost model learns from them)
         self.images = 0  # made by this run (usage)
+        self.extra_commands: list[tuple] = []  # Redis commands the body wants sent with the last events
         self._progress_hook = job.get("webhook_progress")
         self._sent_at: float | None = None  # perf_counter of the last batch sent; None: nothing sent yet
         self._events: list[tuple[str, dict]] = []
@@ -75,7 +76,7 @@ class JobRun:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.flush(extra=self.timings.commands() + self._usage_commands())
+        self.flush(extra=self.timings.commands() + self._usage_commands() + self.extra_commands)
         if self._events:  # the last batch could not be sent: once more, on a new connection
             self.flush()
         self._channel.close()

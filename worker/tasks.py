@@ -114,8 +114,9 @@ def _learn_cost(run: JobRun, kind: str, pipe, *, width: int, height: int, batch:
     if len(run.step_seconds) < 2:
         return
     step_s = statistics.median(run.step_seconds[1:])  # the first includes encoding and the scheduler's set-up
-    cost.record(run.store.r, run.settings.model_name, kind, tokens=cost.tokens(width, height, pipe.vae_scale_factor),
-                batch=batch, step_s=step_s)
+    # sent with the run's last events: no round trip of its own before the job ends
+    run.extra_commands += cost.record_commands(run.settings.model_name, kind, step_s=step_s, batch=batch,
+                                               tokens=cost.tokens(width, height, pipe.vae_scale_factor))
 
 
 def _finished_adapter(out_dir: Path, steps: int) -> bool:

@@ -30,6 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pids_where(matches) -> list[int]:
+    """pids for which `matches(pid)` is true; processes that vanish or can't be read are skipped."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if matches(pid):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:

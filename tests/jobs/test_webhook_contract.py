@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from _support.servers import wait_until
 from standardwebhooks import Webhook
 
 from jobs import webhooks as wh
@@ -17,13 +18,7 @@ from minidalle.errors import InvalidInput
 
 
 def _wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout} s: {predicate}")
+    return wait_until(predicate, timeout, "the condition", interval=interval)
 
 
 # -- the target policy --------------------------------------------------------------------------------------------

@@ -12,30 +12,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _support.servers import REPO
-
-
-def _pids(matches) -> list[int]:
-    """pids for which `matches(pid)` is true; processes that vanish or can't be read are skipped."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if matches(pid):
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
+from _support.servers import REPO, pids_where
 
 
 def _processes_with_env(key: str, value: str) -> list[int]:
     """pids whose environment has key=value (the serve's children inherit MINIDALLE_DATA_DIR)."""
     needle = f"{key}={value}".encode()
-    return _pids(lambda pid: needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    return pids_where(lambda pid: needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
 
 
 def _processes_working_in(folder: str) -> list[int]:
     """pids whose working directory is in `folder` (redis-server chdirs to its --dir and rewrites its cmdline)."""
-    return _pids(lambda pid: os.readlink(f"/proc/{pid}/cwd").startswith(folder))
+    return pids_where(lambda pid: os.readlink(f"/proc/{pid}/cwd").startswith(folder))
 
 
 def test_serve_starts_everything_generates_and_repeated_ctrl_c_stops_all(tmp_path):

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 from _support.fixtures import shapes_dataset_zip, sse_events
-from _support.servers import REPO
+from _support.servers import REPO, pids_where
 
 from jobs import presence
 from jobs.store import TERMINAL, done_key, events_key
@@ -29,16 +29,6 @@ SERVE = "import sys; from service.serve import serve_main; sys.exit(serve_main(s
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 
 
-def _pids(matches) -> list[int]:
-    """pids for which `matches(pid)` is true; processes that vanish or can't be read are skipped."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if matches(pid):
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 def _environ(pid: int | str) -> dict[str, str]:
@@ -114,16 +104,16 @@ class Serve:
     def children(self) -> list[int]:
         """The workers' and the API's pids (they inherit MINIDALLE_DATA_DIR; redis gets no MINIDALLE_ env)."""
         needle = f"MINIDALLE_DATA_DIR={self.data}".encode()
-        return _pids(lambda pid: needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        return pids_where(lambda pid: needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
 
     def child(self, word: str) -> int:
         """The one child whose command line has `word` (uvicorn, celery)."""
         [pid] = [pid for pid in self.children() if word in _cmdline(pid)]
         return pid
 
-    def redis_pids(self) -> list[int]:
+    def redispids_where(self) -> list[int]:
         """redis-server chdirs to its --dir (data/redis) and rewrites its command line."""
-        return _pids(lambda pid: os.readlink(f"/proc/{pid}/cwd") == str(self.data / "redis"))
+        return pids_where(lambda pid: os.readlink(f"/proc/{pid}/cwd") == str(self.data / "redis"))
 
     def worker_presence(self) -> list[dict]:
         return presence.workers(self.redis)
@@ -141,7 +131,7 @@ class Serve:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-        for pid in set(self.children()) | set(_pids(lambda p: os.readlink(f"/proc/{p}/cwd").startswith(
+        for pid in set(self.children()) | set(pids_where(lambda p: os.readlink(f"/proc/{p}/cwd").startswith(
                 str(self.data)))):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -173,7 +163,7 @@ def start_serve(tmp_path, request):
 def _assert_stops_cleanly(s: Serve) -> None:
     assert s.stop() == 0, s.output()
     assert s.lines[-1] == "[minidalle serve] stopped", s.output()
-    wait_until(lambda: not s.children() and not s.redis_pids(), 10, "every child gone")
+    wait_until(lambda: not s.children() and not s.redispids_where(), 10, "every child gone")
 
 
 def _terminal_events(s: Serve, job_id: str) -> list[str]:
@@ -248,11 +238,11 @@ def test_serve_restarts_a_killed_redis_on_its_port_with_its_data(start_serve):
     job_id = r.json()["job_id"]
     # its final state went out with its `done` key (one script): once that is in the file, all of the job is
     wait_until(lambda: _in_append_only_file(s.data / "redis", done_key(job_id)), 10, "the job in the AOF")
-    [old] = s.redis_pids()
+    [old] = s.redispids_where()
 
     os.kill(old, signal.SIGKILL)
     s.wait_line("[minidalle serve] redis exited with status -9; restarting in 1.0s (restart 1)", 10)
-    wait_until(lambda: s.redis.ping() and s.redis_pids() not in ([], [old]), 30, "redis back on the same URL")
+    wait_until(lambda: s.redis.ping() and s.redispids_where() not in ([], [old]), 30, "redis back on the same URL")
     assert s.redis_url.startswith("redis://127.0.0.1:")
 
     got = wait_until(lambda: (g := s.http.get(f"/jobs/{job_id}")).status_code == 200 and g.json(), 30,

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
+from _support.servers import wait_until
 from standardwebhooks import Webhook
 
 from jobs import webhooks as wh
@@ -22,13 +23,7 @@ from worker import webhooks
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout} s")
+    return wait_until(predicate, timeout, "the condition", interval=interval)
 
 
 class Receiver:
