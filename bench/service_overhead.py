@@ -5,7 +5,7 @@ PNG on the volume → GET the PNG) against the same request run in-process (pipe
 
 Real processes (redis-server, `celery worker --pool=solo`, uvicorn), the embedded model by default, medians over
 repeated runs after a warm-up. Goal: overhead ≤ 5 %. The path has no polling sleeps: the worker blocks on the
-queue (BRPOP) and the waiting request blocks on the job's `done` list (BLPOP).
+queue (BRPOP) and the waiting request waits on the API's event hub (one XREAD for every listener).
 
 Both sides run in processes of their own, started fresh for each round: the same pipeline call runs a few percent
 faster or slower in one process than in another (memory layout; measured ±3 % between identical processes on the
