@@ -48,6 +48,8 @@ class Listener:
         self.hub, self.job_id, self.key, self.last = hub, job_id, events_key(job_id), last
         self.queue: asyncio.Queue[tuple[str, dict]] = asyncio.Queue(QUEUE_SIZE)
         self.lagged = False
+        self.owner = ""
+        self.closed = False
 
     def offer(self, entry: tuple[str, dict]) -> None:
         try:
@@ -105,11 +107,20 @@ class EventHub:
 
     @contextlib.asynccontextmanager
     async def listen(self, job_id: str, last: str, owner: str) -> AsyncIterator[Listener]:
-        """Register a listener (429 past the owner's cap); it gets every entry after `last`."""
+        """A listener for the block (429 past the owner's cap); it gets every entry after `last`."""
+        listener = await self.open(job_id, last, owner)
+        try:
+            yield listener
+        finally:
+            self.release(listener)
+
+    async def open(self, job_id: str, last: str, owner: str) -> Listener:
+        """Register a listener (429 past the owner's cap); `release` it when done (idempotent)."""
         if self._owners[owner] >= self.per_owner:
             raise HTTPException(429, f"this key has {self._owners[owner]} event streams open, its limit; close one "
                                 "first", headers={"Retry-After": "5"})
         listener = Listener(self, job_id, last)
+        listener.owner = owner
         self._owners[owner] += 1
         new = listener.key not in self._listeners
         self._listeners[listener.key].add(listener)
@@ -117,16 +128,19 @@ class EventHub:
             self._cursor[listener.key] = last if last != "0" else "0-0"
             await self._interrupt()
         self._start()
-        try:
-            yield listener
-        finally:
-            self._owners[owner] -= 1
-            subs = self._listeners.get(listener.key)
-            if subs is not None:
-                subs.discard(listener)
-                if not subs:
-                    del self._listeners[listener.key]
-                    self._cursor.pop(listener.key, None)
+        return listener
+
+    def release(self, listener: Listener) -> None:
+        if listener.closed:
+            return
+        listener.closed = True
+        self._owners[listener.owner] -= 1
+        subs = self._listeners.get(listener.key)
+        if subs is not None:
+            subs.discard(listener)
+            if not subs:
+                del self._listeners[listener.key]
+                self._cursor.pop(listener.key, None)
 
     def _start(self) -> None:
         if self._reader is None or self._reader.done():

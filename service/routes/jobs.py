@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from typing import Literal
 
 from fastapi import APIRouter, Header, Query
@@ -65,12 +66,14 @@ async def job_events(job_id: str, store: StoreDep, hub: HubDep, settings: Settin
     """Server-Sent Events from the job's start (a late listener gets what it missed); ends after the final event."""
     await run_in_threadpool(job_of, store, principal, job_id)
     start = last_event_id if last_event_id and STREAM_ID_RE.match(last_event_id) else "0"
-    listening = hub.listen(job_id, start, principal.id)
-    listener = await listening.__aenter__()  # 429 here, before the stream starts, when the key has too many open
-    return EventSourceResponse(_stream(listening, listener, settings.sse_ping_s), ping=int(settings.sse_ping_s))
+    listener = await hub.open(job_id, start, principal.id)  # 429 now, before the stream starts, past the key's cap
+    stream = _stream(hub, listener, settings.sse_ping_s)
+    # a client gone before the stream's first step never runs its `finally`: give the slot back when it is dropped
+    weakref.finalize(stream, hub.release, listener)
+    return EventSourceResponse(stream, ping=int(settings.sse_ping_s))
 
 
-async def _stream(listening, listener, idle_s: float):
+async def _stream(hub, listener, idle_s: float):
     try:
         async for entry in listener.events(idle_s):
             if entry is None:
@@ -79,4 +82,4 @@ async def _stream(listening, listener, idle_s: float):
             yield {"event": fields.get("type", "message"), "id": event_id,
                    "data": fields.get("data") or json.dumps({})}
     finally:
-        await listening.__aexit__(None, None, None)
+        hub.release(listener)

@@ -63,3 +63,25 @@ def test_listeners_past_the_cap_get_429_the_rest_every_event(streams):
     assert codes.count(200) == CAP and codes.count(429) == 10, codes
     assert all(kinds == ["queued", "cancelled"] for code, kinds in results if code == 200), results
     assert polite_result == (200, ["queued", "cancelled"])  # another key is not affected
+
+
+def test_streams_a_client_drops_give_their_place_back(streams):
+    token, _ = KeyStore(streams.redis).create("fickle")
+
+    async def main():
+        async with httpx.AsyncClient(base_url=streams.base_url, headers={"Authorization": f"Bearer {token}"},
+                                     timeout=30) as c:
+            job = (await c.post("/generate", json={"prompt": "x", "num_inference_steps": 2})).json()["job_id"]
+            codes = []
+            for _ in range(CAP + 10):  # more than the cap, one after the other, each dropped after its first event
+                async with c.stream("GET", f"/jobs/{job}/events") as r:
+                    codes.append(r.status_code)
+                    async for line in r.aiter_lines():
+                        if line.startswith("event: "):
+                            break
+                await asyncio.sleep(0.02)
+            await c.post(f"/jobs/{job}/cancel")
+            return codes
+
+    codes = asyncio.run(main())
+    assert codes.count(429) <= 2 and codes[-1] == 200, codes  # a slot comes back once the server sees the drop
