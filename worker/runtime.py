@@ -42,23 +42,13 @@ def calibrate(pipe, store, settings: WorkerSettings) -> list[tuple[int, float]]:
 
     from jobs import cost
 
-    native = pipe.default_height
     measured = []
-    for side in (native, 2 * native):
-        times: list[float] = []
-        last = time.perf_counter()
-
-        def on_step(step: int, total: int, times=times) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
-
-        last = time.perf_counter()
+    for side in (pipe.default_height, 2 * pipe.default_height):
+        stamps: list[float] = []
         pipe("calibration", num_inference_steps=3, guidance_scale=7.5, width=side, height=side, seed=0,
-             callback=on_step)
+             callback=lambda step, total, stamps=stamps: stamps.append(time.perf_counter()))
+        step_s = min(b - a for a, b in zip(stamps, stamps[1:], strict=False))  # steps 2-3: no encoding, no set-up
         p = cost.tokens(side, side, pipe.vae_scale_factor)
-        step_s = min(times[1:])  # after the first step: no encoding, no set-up
         cost.record(store.r, settings.model_name, "generate", tokens=p, batch=2, step_s=step_s)
         measured.append((p, step_s))
     log.info("calibrated: %s", ", ".join(f"{p} tokens {s * 1000:.1f} ms/step" for p, s in measured))
