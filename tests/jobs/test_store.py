@@ -125,3 +125,52 @@ def test_a_recorded_job_whose_enqueue_fails_is_left_to_the_reconciler(store, mon
     assert store.r.hget(job_key(job_id), "enqueued") == "0"  # the reconciler's "recorded, never enqueued" case
     store.r.hset(job_key(job_id), "created_at", repr(time.time() - 60))
     assert store.reconcile_one(job_id, stale_after_s=30, max_attempts=3, enqueue_grace_s=10) == "enqueue"
+
+
+def test_admission_accounting_follows_every_transition_back_to_zero(store):
+    """What waits per queue and what each key has live goes up at admission and back down with each job's end,
+    through claims, requeues, stale takeovers and cancels."""
+    from jobs.store import Bounds
+
+    def admit(owner: str, kind: str = "generate", est: float = 2.0) -> str:
+        job_id = store.r.execute_command("INCR", "test:ids")
+        job_id = f"{int(job_id):032x}"
+        assert store.admit(kind, {"prompt": "p"}, job_id=job_id, owner=owner, estimate_s=est, bounds=Bounds()).ok
+        return job_id
+
+    a, b, c, d = admit("k1"), admit("k1"), admit("k2"), admit("k2", "finetune", 10.0)
+    assert store.queued("generate") == (3, 6.0) and store.queued("finetune") == (1, 10.0)
+    assert store.active_usage("k1") == (2, 4.0) and store.active_usage("k2") == (2, 12.0)
+    assert store.claim(a, "w1", stale_after_s=30, max_attempts=3).outcome == "run"
+    assert store.queued("generate") == (2, 4.0) and store.active_usage("k1") == (2, 4.0)  # running still counts
+    assert store.requeue(a, "w1", "shutdown")
+    assert store.queued("generate") == (3, 6.0)
+    assert store.claim(a, "w2", stale_after_s=30, max_attempts=3).outcome == "run"
+    store.finish(a, "succeeded", result={})
+    assert store.queued("generate") == (2, 4.0) and store.active_usage("k1") == (1, 2.0)
+    assert store.cancel(b) == "cancelled"  # queued: leaves the queue and the key at once
+    assert store.queued("generate") == (1, 2.0) and store.active_usage("k1") == (0, 0.0)
+    store.finish(b, "failed", error="again")  # a second end changes nothing
+    assert store.active_usage("k1") == (0, 0.0)
+    assert store.claim(c, "w1", stale_after_s=30, max_attempts=3).outcome == "run"
+    store.r.hset(f"minidalle:job:{c}", "heartbeat_at", "0")  # its worker died
+    assert store.reconcile_one(c, stale_after_s=30, max_attempts=3, enqueue_grace_s=10) == "requeue"
+    assert store.queued("generate") == (1, 2.0)
+    assert store.claim(c, "w2", stale_after_s=30, max_attempts=3).outcome == "run"
+    store.finish(c, "succeeded", result={})
+    assert store.cancel(d) == "cancelled"
+    assert store.queued("generate") == (0, 0.0) and store.queued("finetune") == (0, 0.0)
+    assert store.active_usage("k2") == (0, 0.0)
+
+
+def test_admission_refuses_past_the_bounds_atomically(store):
+    from jobs.store import Bounds
+
+    bounds = Bounds(queued_jobs=2, queued_seconds=100, key_jobs=5, key_seconds=100)
+    ids = [f"{i:032x}" for i in range(1, 4)]
+    results = [store.admit("generate", {}, job_id=j, owner="k", estimate_s=1.0, bounds=bounds) for j in ids]
+    assert [r.ok for r in results] == [True, True, False] and results[2].reason == "queue_full"
+    assert results[2].waiting_s == 2.0 and store.get(ids[2]) is None  # refused: no record at all
+    big = store.admit("generate", {}, job_id="f" * 32, owner="k2", estimate_s=200.0,
+                      bounds=Bounds(key_seconds=100))
+    assert not big.ok and big.reason == "key_seconds"
