@@ -31,8 +31,13 @@ def workers(r: redis.Redis) -> list[dict]:
 
 def ready_by_queue(r: redis.Redis, queues: tuple[str, ...]) -> dict[str, int]:
     """How many workers with the model loaded serve each queue."""
+    return tally(workers(r), queues)
+
+
+def tally(infos: list[dict], queues: tuple[str, ...]) -> dict[str, int]:
+    """Ready workers per queue, from presence records (however they were read: sync or asyncio)."""
     counts = dict.fromkeys(queues, 0)
-    for w in workers(r):
+    for w in infos:
         if w.get("state") == "ready":
             for q in w.get("queues", []):
                 if q in counts:

@@ -163,6 +163,14 @@ def dataset_owner(dataset_dir: Path) -> str | None:
         return None
 
 
+def subdirs(path: Path) -> list[Path]:
+    """The folders in `path` (not links), sorted; none if it does not exist."""
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+    except FileNotFoundError:
+        return []
+
+
 def tree_bytes(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):

@@ -41,7 +41,7 @@ async def ready_workers(aredis, kind: str) -> int:
         return hit[0]
     keys = [k async for k in aredis.scan_iter(match=WORKER_KEY + "*", count=500)]
     infos = [json.loads(v) for v in (await aredis.mget(keys) if keys else []) if v]
-    n = sum(1 for w in infos if w.get("state") == "ready" and kind in w.get("queues", []))
+    n = presence.tally(infos, (kind,))[kind]
     _WORKERS[kind] = (n, time.monotonic())
     return n
 

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from jobs.store import JobStore, job_key
-from jobs.volume import Volume, is_id, remove_tree
+from jobs.volume import Volume, is_id, remove_tree, subdirs
 
 log = logging.getLogger(__name__)
 LEFTOVER_PREFIXES = (".incoming-", ".deleting-")
@@ -42,13 +42,6 @@ def newest_mtime(path: Path) -> float:
     return newest
 
 
-def _subdirs(path: Path) -> list[Path]:
-    try:
-        return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
-    except FileNotFoundError:
-        return []
-
-
 def datasets_in_use(store: JobStore) -> set[str]:
     used = set()
     for job_id in store.active_ids():
@@ -65,7 +58,7 @@ def sweep(store: JobStore, data_dir: Path, *, job_ttl_s: float, dataset_ttl_s: f
     removed: dict[str, list[str]] = {"jobs": [], "datasets": [], "leftovers": []}
 
     def each(parent: Path, decide) -> None:
-        for d in _subdirs(parent):
+        for d in subdirs(parent):
             try:
                 decide(d)
             except OSError as e:  # gone meanwhile (another sweep, a DELETE), or unreadable: the next pass retries

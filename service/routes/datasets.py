@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from jobs.keys import Principal
-from jobs.volume import DATASET_INFO, Volume, dataset_owner, new_id, tree_bytes
+from jobs.volume import DATASET_INFO, Volume, dataset_owner, new_id, read_access, subdirs, tree_bytes
 from service.access import dataset_of
 from service.datasets import Extracted, Limits, UploadRejected, extract_dataset
 from service.deps import PrincipalDep, SettingsDep, VolumeDep
@@ -27,15 +27,12 @@ UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def stored_bytes(volume: Volume, owner: str) -> dict[str, int]:
     """What a key keeps on the data volume: its datasets and its adapters, in bytes."""
-    from jobs.volume import read_access
+    def owned(root: Path, owner_of) -> int:
+        return sum(tree_bytes(d) for d in subdirs(root) if not d.name.startswith(".") and owner_of(d) == owner)
 
-    datasets = sum(tree_bytes(d) for d in _subdirs(volume.datasets) if dataset_owner(d) == owner)
-    adapters = sum(tree_bytes(d) for d in _subdirs(volume.adapters) if read_access(d)["owner"] == owner)
+    datasets = owned(volume.datasets, dataset_owner)
+    adapters = owned(volume.adapters, lambda d: read_access(d)["owner"])
     return {"datasets": datasets, "adapters": adapters, "total": datasets + adapters}
-
-
-def _subdirs(root: Path) -> list[Path]:
-    return [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")] if root.is_dir() else []
 
 
 async def ingest(upload: StarletteUpload, settings, principal: Principal) -> Extracted:
