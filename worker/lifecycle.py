@@ -30,6 +30,11 @@ def node_name() -> str:
     return _state["node"]
 
 
+def queues() -> list[str]:
+    """The queues this worker consumes."""
+    return _state["queues"]
+
+
 def get_store() -> JobStore:
     global _store
     if _store is None:

@@ -29,11 +29,13 @@ PUBLISH_EVERY_S = 0.1
 # After a step at least this long, wait for the batch's reply at once (a round trip is nothing next to it), so a
 # cancel is seen at the very next step instead of one step later.
 WAIT_AFTER_STEP_S = 0.5
+YIELD_CHECK_S = 0.25  # how often a fine-tune looks whether image requests wait
 KEEP_UNSENT_EVENTS = 10_000  # while Redis is unreachable, the newest events wait for the next batch
 
 
 class Stop(Cancelled):  # a Cancelled, so the trainer saves a checkpoint before it propagates
-    """Why a running job must stop at this step: cancelled, lost (another worker took it over), time_limit."""
+    """Why a running job must stop at this step: cancelled, lost (another worker took it over), time_limit,
+    shutdown (its worker stops), yield (a fine-tune gives way to waiting image requests)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -64,6 +66,9 @@ class JobRun:
         self.step_seconds: list[float] = []  # every step of this run (the cost model learns from them)
         self.images = 0  # made by this run (usage)
         self.extra_commands: list[tuple] = []  # Redis commands the body wants sent with the last events
+        self._running_since = time.monotonic()
+        self._yield_checked = 0.0
+        self._waiting_since: float | None = None  # when image requests were first seen waiting
         self._progress_hook = job.get("webhook_progress")
         self._sent_at: float | None = None  # perf_counter of the last batch sent; None: nothing sent yet
         self._events: list[tuple[str, dict]] = []
@@ -168,6 +173,28 @@ class JobRun:
             raise Stop("time_limit")
         if lifecycle.shutting_down():
             raise Stop("shutdown")
+        if self._should_yield():
+            raise Stop("yield")
+
+    def _should_yield(self) -> bool:
+        """A fine-tune gives way when image requests wait for this worker (see WorkerSettings.yield_*). The queue's
+        count is read at most every YIELD_CHECK_S: one HMGET, next to a training step."""
+        s = self.settings
+        if self.kind != "finetune" or not s.yield_to_generate or "generate" not in lifecycle.queues():
+            return False
+        now = time.monotonic()
+        if now - self._yield_checked < YIELD_CHECK_S:
+            return False
+        self._yield_checked = now
+        if now - self._running_since < s.yield_min_interval_s:
+            return False
+        waiting, _ = self.store.queued("generate")
+        if not waiting:
+            self._waiting_since = None
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = now
+        return now - self._waiting_since >= s.yield_after_s
 
 
 def _worker_name() -> str:
@@ -197,9 +224,10 @@ def run_job(job_id: str, body: Callable[[JobRun], dict]) -> None:
         if e.reason == "lost":
             log.warning("job %s: another worker took it over; stopping here", job_id)
             return
-        if e.reason == "shutdown":
-            if store.requeue(job_id, worker, "worker shutting down"):
-                log.warning("job %s: worker shutting down; back in the queue", job_id)
+        if e.reason in ("shutdown", "yield"):
+            why = "worker shutting down" if e.reason == "shutdown" else "yielding to waiting image requests"
+            if store.requeue(job_id, worker, why):
+                log.warning("job %s: %s; back in the queue", job_id, why)
                 try:
                     lifecycle.enqueue(job["kind"], job_id)
                     store.mark_enqueued(job_id)

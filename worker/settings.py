@@ -20,6 +20,12 @@ class WorkerSettings(CommonSettings):
     preload: bool = True  # build the pipeline when the worker starts, so /readyz means "can serve now"
     # measure a step at two sizes when the worker starts (the API's cost estimates; also a warm-up)
     calibrate: bool = True
+    # A fine-tune on a worker that also serves `generate` hands itself back to its queue (checkpoint first, no attempt
+    # counted, resumed exactly) once image requests have waited `yield_after_s`, but at most every
+    # `yield_min_interval_s` of training, so it can't be starved either.
+    yield_to_generate: bool = True
+    yield_after_s: float = Field(2.0, ge=0)
+    yield_min_interval_s: float = Field(60.0, ge=0)
     reconcile_interval_s: float = Field(10.0, gt=0)
     # The data volume's janitor (worker.janitor): one worker sweeps this often; an unused dataset stays this long
     # (0: forever). Job folders go when their record has expired (job_ttl_s).
