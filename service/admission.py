@@ -32,6 +32,10 @@ REASONS = {
 
 
 _WORKERS: dict[str, tuple[int, float]] = {}
+# the pre-check reads the queue's size at most this often (a flood must not cost a round trip a request); a stale
+# answer only decides between the cheap 429 and the full admission, which checks again, atomically
+PRECHECK_S = 0.05
+_QUEUED: dict[str, tuple[tuple, float]] = {}
 
 
 async def ready_workers(aredis, kind: str) -> int:
@@ -46,10 +50,20 @@ async def ready_workers(aredis, kind: str) -> int:
     return n
 
 
+def forget_queue(kind: str) -> None:
+    """This process just freed a place in the queue (a cancel): the next pre-check reads the queue again."""
+    _QUEUED.pop(kind, None)
+
+
 async def precheck(aredis, settings: ApiSettings, kind: str) -> None:
     """A cheap refusal before any work (tokenizing, estimating) when the queue is already full: under a flood most
     requests end here. `admit` stays the authority, atomically."""
-    jobs, seconds = await aredis.hmget(QUEUED_KEY, f"{kind}:jobs", f"{kind}:seconds")
+    hit = _QUEUED.get(kind)
+    if hit is not None and time.monotonic() - hit[1] < PRECHECK_S:
+        jobs, seconds = hit[0]
+    else:
+        jobs, seconds = await aredis.hmget(QUEUED_KEY, f"{kind}:jobs", f"{kind}:seconds")
+        _QUEUED[kind] = ((jobs, seconds), time.monotonic())
     if int(jobs or 0) >= getattr(settings, f"max_queued_{kind}") or \
             float(seconds or 0) >= getattr(settings, f"max_queued_{kind}_s"):
         retry = max(1, math.ceil(float(seconds or 0) / max(1, await ready_workers(aredis, kind))))

@@ -13,6 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from jobs.queue import revoke
 from service.access import job_of
+from service.admission import forget_queue
 from service.deps import HubDep, PrincipalDep, QueueDep, SettingsDep, StoreDep
 from service.errors import conflict, not_found
 from service.schemas import CancelResult, Job, JobList
@@ -51,6 +52,7 @@ def cancel_job(job_id: str, store: StoreDep, queue: QueueDep, principal: Princip
         raise conflict(f"job_id: job {job_id!r} already ended ({ended['state']})")
     if outcome == "cancelled":
         revoke(queue, job_id)
+        forget_queue(job["kind"])
         if job["kind"] == "finetune":
             store.release_adapter_name(job["request"]["name"], job_id)
         return {"job_id": job_id, "state": "cancelled", "detail": "cancelled before it started"}
