@@ -162,9 +162,6 @@ class KeyStore:
         self.r.hset(_record_key(token_hash), "revoked", "1")
         return self._public(cast(dict[str, str], self.r.hgetall(_record_key(token_hash))))
 
-    def any_active(self) -> bool:
-        return any(not r["revoked"] for r in self.list())
-
     def webhook_secret(self, key_id: str) -> str:
         """The secret a key's webhooks are signed with (Standard Webhooks, `whsec_…`)."""
         if key_id == ANONYMOUS_ID:

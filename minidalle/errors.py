@@ -21,7 +21,3 @@ class InvalidInput(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
-
-    def renamed(self, field: str) -> InvalidInput:
-        """The same error under another surface's name for the field (e.g. `--steps`, `num_images`)."""
-        return InvalidInput(field, self.message)

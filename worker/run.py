@@ -16,7 +16,7 @@ from collections.abc import Callable
 from jobs.events import EventChannel
 from jobs.metrics import StepTimings
 from jobs.requests import api_name
-from jobs.store import TERMINAL, JobStore, usage_key
+from jobs.store import TERMINAL, JobStore, job_key, usage_key
 from minidalle import Cancelled
 from minidalle.errors import InvalidInput
 from worker import lifecycle
@@ -253,6 +253,6 @@ def run_job(job_id: str, body: Callable[[JobRun], dict]) -> None:
 
 def _count_ended(store: JobStore, job: dict) -> None:
     """Usage: jobs of this key by kind and final state (GET /usage)."""
-    ended = store.get(job["id"])
-    if ended is not None and ended["state"] in TERMINAL:
-        store.r.hincrby(usage_key(job["owner"]), f"jobs:{job['kind']}:{ended['state']}", 1)
+    state = store.r.hget(job_key(job["id"]), "state")  # the state only, not the whole record
+    if state in TERMINAL:
+        store.r.hincrby(usage_key(job["owner"]), f"jobs:{job['kind']}:{state}", 1)
