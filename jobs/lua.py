@@ -21,9 +21,11 @@ local function _kind() return redis.call('HGET', KEYS[1], 'kind') or '' end
 local function _owner() return redis.call('HGET', KEYS[1], 'owner') or 'anonymous' end
 """
 
-# KEYS: job, events, index, active, queued, usage, owner_index
+# KEYS: job, events, index, active, queued, usage, owner_index, batchable
 # ARGV: job_id, kind, request_json, created_at, estimate_s, owner, maxlen, max_queued_jobs, max_queued_seconds,
-#       key_max_jobs, key_max_seconds, webhook_url, webhook_progress
+#       key_max_jobs, key_max_seconds, webhook_url, webhook_progress, batch_key, ttl
+# A generate job with a batch key is also listed in `batchable` (a zset per key, by creation time), where a worker
+# running a job with the same key finds it (jobs.store.JobStore.claim_batchable).
 # Admission and creation in one step, so two requests can't both take the last place. Returns {'ok', ''} or
 # {reason, seconds now waiting} with reason queue_full | key_jobs | key_seconds.
 ADMIT = _ACCOUNT + """
@@ -41,6 +43,11 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'kind', kind, 'state', 'queued', 'req
   'created_at', ARGV[4], 'attempts', 0, 'enqueued', 0, 'estimate_s', ARGV[5], 'owner', owner)
 if ARGV[12] ~= '' then
   redis.call('HSET', KEYS[1], 'webhook_url', ARGV[12], 'webhook_progress', ARGV[13])
+end
+if ARGV[14] ~= '' then
+  redis.call('HSET', KEYS[1], 'batch_key', ARGV[14])
+  redis.call('ZADD', KEYS[8], ARGV[4], ARGV[1])
+  redis.call('EXPIRE', KEYS[8], ARGV[15])
 end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[7], ARGV[4], ARGV[1])

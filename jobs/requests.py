@@ -9,6 +9,8 @@ meet. Operator caps (`max_steps`, `max_train_steps`, ...) are the API's settings
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -113,6 +115,15 @@ class GenerateRequest(_Body):
                 out[name] = getattr(self, p.api_name)
         out["adapters"] = [(a.name, a.scale) for a in self.adapters]
         return out
+
+    def batch_key(self) -> str:
+        """Requests with equal keys can share one denoising loop (`MiniDallePipeline.generate_many`): the same
+        steps, guidance, size, scheduler and adapters with their scales, in order. Prompts, negative prompts, seeds
+        and image counts stay each request's own. A size left out is not merged with the same size given."""
+        shared = {"steps": self.num_inference_steps, "guidance": self.guidance_scale, "width": self.width,
+                  "height": self.height, "scheduler": self.scheduler,
+                  "adapters": [[a.name, a.scale] for a in self.adapters]}
+        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:20]
 
 
 class FinetuneRequest(_Body):

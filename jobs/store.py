@@ -38,6 +38,7 @@ ADAPTER_RESERVATION = PREFIX + "adapter-reserved:"
 QUEUED_KEY = PREFIX + "queued"  # hash "{kind}:jobs" / "{kind}:seconds": what waits in each queue (estimates)
 USAGE_ACTIVE_KEY = PREFIX + "usage:active"  # hash "{owner}:jobs" / "{owner}:seconds": each key's live jobs
 WEBHOOK_OUTBOX = OUTBOX_KEY  # job ids whose final state a webhook must announce (pushed by FINISH / CANCEL)
+BATCHABLE_KEY = PREFIX + "batchable:"  # zset per batch key: queued generate jobs a worker may run together
 UNLIMITED = float("inf")
 
 KINDS = ("generate", "finetune")
@@ -120,6 +121,12 @@ class Claim:
     detail: str
 
 
+@dataclass
+class Claimed:
+    job_id: str
+    claim: Claim
+
+
 def _loads(value: str | None) -> Any:
     return json.loads(value) if value else None
 
@@ -154,17 +161,18 @@ class JobStore:
         return job_id
 
     def admit(self, kind: str, request: dict, *, job_id: str, owner: str, estimate_s: float, bounds: Bounds,
-              webhook_url: str | None = None, webhook_progress: bool = False) -> Admission:
-        """Create the job if the queue and the key have room for it (atomically: no race for the last place)."""
+              webhook_url: str | None = None, webhook_progress: bool = False, batch_key: str = "") -> Admission:
+        """Create the job if the queue and the key have room for it (atomically: no race for the last place).
+        A `batch_key` (`GenerateRequest.batch_key`) lists the job where workers look for jobs to batch with theirs."""
         def num(x: float) -> str:
             return "1e300" if x == UNLIMITED else repr(float(x))
 
         reason, waiting = self._admit(
             keys=[job_key(job_id), events_key(job_id), INDEX_KEY, ACTIVE_KEY, QUEUED_KEY, USAGE_ACTIVE_KEY,
-                  owner_index_key(owner)],
+                  owner_index_key(owner), BATCHABLE_KEY + batch_key],
             args=[job_id, kind, json.dumps(request), repr(time.time()), repr(float(estimate_s)), owner, self.maxlen,
                   num(bounds.queued_jobs), num(bounds.queued_seconds), num(bounds.key_jobs), num(bounds.key_seconds),
-                  webhook_url or "", "1" if webhook_progress else "0"],
+                  webhook_url or "", "1" if webhook_progress else "0", batch_key, self.ttl_s],
         )
         return Admission(reason == "ok", "" if reason == "ok" else reason, float(waiting or 0))
 
@@ -263,6 +271,56 @@ class JobStore:
         )
         return Claim(outcome, detail)
 
+    def claim_batchable(self, batch_key: str, worker: str, *, max_images: int, stale_after_s: float,
+                        max_attempts: int, scan: int = 64) -> list[Claimed]:
+        """Claim queued jobs listed under `batch_key`, oldest first, while their images add up to at most
+        `max_images`. Each claim is the usual atomic CLAIM (a job another worker took meanwhile is skipped); the
+        Celery delivery of a job claimed here finds it running or ended, and does nothing."""
+        if max_images <= 0:
+            return []
+        key = BATCHABLE_KEY + batch_key
+        ids = cast(list[str], self.r.zrange(key, 0, scan - 1))
+        if not ids:
+            return []
+        p = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            p.hmget(job_key(job_id), "state", "request")
+        claimed: list[Claimed] = []
+        gone: list[str] = []
+        for job_id, (state, request) in zip(ids, p.execute(), strict=True):
+            if state != "queued":  # ended (cancelled while queued), running elsewhere, or expired
+                gone.append(job_id)
+                continue
+            images = int((_loads(request) or {}).get("num_images") or 1)
+            if images > max_images:
+                continue  # stays listed: it fits another batch
+            claim = self.claim(job_id, worker, stale_after_s=stale_after_s, max_attempts=max_attempts)
+            gone.append(job_id)
+            if claim.outcome == "run":
+                claimed.append(Claimed(job_id, claim))
+                max_images -= images
+            elif claim.outcome in ("cancel", "exhausted"):
+                claimed.append(Claimed(job_id, claim))  # the caller ends it, as a delivery would
+            if max_images <= 0:
+                break
+        if gone:
+            self.r.zrem(key, *gone)
+        return claimed
+
+    def unlist_batchable(self, job: dict) -> None:
+        """A job claimed through its own delivery is no longer there to be batched."""
+        if job.get("batch_key"):
+            self.r.zrem(BATCHABLE_KEY + job["batch_key"], job["id"])
+
+    def list_batchable(self, job: dict) -> None:
+        """A generate job back in the queue (its worker stopped) may be batched again."""
+        if job.get("batch_key"):
+            key = BATCHABLE_KEY + job["batch_key"]
+            p = self.r.pipeline(transaction=False)
+            p.zadd(key, {job["id"]: job.get("created_at") or time.time()})
+            p.expire(key, self.ttl_s)
+            p.execute()
+
     def requeue(self, job_id: str, worker: str, reason: str) -> bool:
         """Give a running job back to the queue (not counted as an attempt); the caller enqueues it again."""
         return bool(self._requeue(keys=[job_key(job_id), events_key(job_id), QUEUED_KEY],
@@ -347,5 +405,6 @@ def decode_job(raw: dict[str, str]) -> dict:
         "progress": _loads(raw.get("progress")),
         "result": _loads(raw.get("result")),
         "error": raw.get("error") or None,
+        "batch_key": raw.get("batch_key") or None,
     }
 

@@ -341,28 +341,80 @@ class MiniDallePipeline:
                  adapters: Sequence[tuple[str, float]] = (), callback: StepCallback | None = None,
                  output_type: str = "pil", eta: float = 0.0) -> GenerationOutput:
         """Generate images. Image i uses seed `seed + i`, so any one image can be re-made on its own."""
+        request = dict(prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                       seed=seed, generator=generator)
+        return self.generate_many([request], callback=callback, output_type=output_type,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  height=height, width=width, scheduler=scheduler, adapters=adapters, eta=eta)[0]
+
+    @torch.no_grad()
+    def generate_many(self, requests: Sequence[dict[str, Any]], *, callback: StepCallback | None = None,
+                      output_type: str = "pil", **shared: Any) -> list[GenerationOutput]:
+        """Several requests in one denoising loop (one UNet call per step for all their images).
+
+        Each request is a dict of `prompt`, `negative_prompt`, `num_images_per_prompt`, `seed` (and optionally
+        `generator`): what stays its own. What the loop shares (`BATCH_SHARED`: steps, guidance, size, scheduler,
+        eta, adapters) is given once as keywords, or in the requests, where it must then agree. Every image gets
+        the same noise and embeddings it gets when its request runs alone (each request's prompts are encoded on
+        their own); only the UNet's batch differs. Returns one GenerationOutput per request, in order.
+        """
+        if not requests:
+            return []
+        unknown = set(shared) - set(BATCH_SHARED)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+        common = {**_SHARED_DEFAULTS, **shared}
+        for i, r in enumerate(requests):
+            for key in BATCH_SHARED:
+                if key in r and _norm(r[key]) != _norm(common[key]):
+                    if i == 0 and key not in shared:
+                        common[key] = r[key]
+                        continue
+                    raise InvalidInput(key, f"request {i} asks for {r[key]!r}, the batch for {common[key]!r}; only "
+                                       "requests that agree on it share a batch")
+        single = len(requests) == 1
         # 1. check inputs (before any model work)
-        self.check_inputs(prompt, negative_prompt, num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, height=height, width=width,
-                          num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, adapters=adapters,
-                          seed=seed)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negs = None if negative_prompt is None else [negative_prompt] * len(prompts) \
-            if isinstance(negative_prompt, str) else list(negative_prompt)
-        height, width = height or self.default_height, width or self.default_width
-        n_total = len(prompts) * num_images_per_prompt
+        for r in requests:
+            self.check_inputs(r["prompt"], r.get("negative_prompt"), num_inference_steps=common["num_inference_steps"],
+                              guidance_scale=common["guidance_scale"], height=common["height"],
+                              width=common["width"], num_images_per_prompt=r.get("num_images_per_prompt", 1),
+                              scheduler=common["scheduler"], adapters=common["adapters"], seed=r.get("seed"))
+            gen = r.get("generator")
+            if isinstance(gen, torch.Generator) and not single:
+                raise InvalidInput("generator", "in a batch, give a list of generators (one per image) or a seed")
+        steps, guidance, scheduler = common["num_inference_steps"], common["guidance_scale"], common["scheduler"]
+        height, width = common["height"] or self.default_height, common["width"] or self.default_width
         # 2. adapters (LoRA on the UNet + prior deltas)
-        active = self._activate(adapters)
-        # 3. seeds: one CPU generator per image (device-independent noise, individually reproducible)
-        if generator is None:
-            seed = secrets.randbelow(2**31) if seed is None else seed
-            seeds: list[int | None] = [seed + i for i in range(n_total)]
-            generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        else:
-            seeds = [None] * n_total
-        # 4. encode: text encoder -> prior (the negative prompt too)
-        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
-        pe, npe = self.encode_prompt(prompts, negs, cfg)
+        active = self._activate(common["adapters"])
+        cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
+        embeds, negative_embeds, generators, plans = [], [], [], []
+        for r in requests:
+            prompt, negative_prompt, n = r["prompt"], r.get("negative_prompt"), r.get("num_images_per_prompt", 1)
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negs = None if negative_prompt is None else [negative_prompt] * len(prompts) \
+                if isinstance(negative_prompt, str) else list(negative_prompt)
+            n_images = len(prompts) * n
+            # 3. seeds: one CPU generator per image (device-independent noise, individually reproducible)
+            generator = r.get("generator")
+            if generator is None:
+                seed = r.get("seed")
+                seed = secrets.randbelow(2**31) if seed is None else seed
+                seeds: list[int | None] = [seed + i for i in range(n_images)]
+                generators.extend(torch.Generator("cpu").manual_seed(s) for s in seeds)
+            else:
+                seeds = [None] * n_images
+                if isinstance(generator, torch.Generator):  # one request: diffusers draws all noise from it
+                    generators = generator
+                else:
+                    if len(generator) != n_images:
+                        raise InvalidInput("generator", f"{len(generator)} generators for {n_images} images")
+                    generators.extend(generator)
+            # 4. encode: text encoder -> prior (the negative prompt too); one request at a time, as it runs alone
+            pe, npe = self.encode_prompt(prompts, negs, cfg)
+            embeds.append(pe.repeat_interleave(n, dim=0))  # what diffusers' num_images_per_prompt does
+            if npe is not None:
+                negative_embeds.append(npe.repeat_interleave(n, dim=0))
+            plans.append((prompts, negs, n, seeds))
         # 5. denoise with diffusers' loop and the chosen scheduler
         sched_name = scheduler or _scheduler_name(self.scheduler)
         self._sd.scheduler = self._scheduler_for(scheduler)
@@ -372,20 +424,36 @@ class MiniDallePipeline:
                 callback(i + 1, sd.num_timesteps)
             return {}
 
-        out = self._sd(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, height=height, width=width,
-                       num_images_per_prompt=num_images_per_prompt, generator=generator, eta=eta,
-                       output_type=output_type, callback_on_step_end=on_step_end if callback else None)
-        # 6. per-image metadata (what it takes to reproduce each image)
-        meta = []
-        for i in range(n_total):
-            p = i // num_images_per_prompt
-            meta.append(dict(prompt=prompts[p], negative_prompt=negs[p] if negs else "", seed=seeds[i],
-                             steps=num_inference_steps, guidance_scale=float(guidance_scale), width=width,
-                             height=height, scheduler=sched_name, eta=eta,
-                             adapters=[[n, s] for n, s in active], model=self.model_id,
-                             model_hash=self.model_hash, index=i))
-        return GenerationOutput(images=out.images, metadata=meta)
+        out = self._sd(prompt_embeds=torch.cat(embeds), negative_prompt_embeds=torch.cat(negative_embeds) if cfg
+                       else None, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                       num_images_per_prompt=1, generator=generators, eta=common["eta"], output_type=output_type,
+                       callback_on_step_end=on_step_end if callback else None)
+        # 6. per request: its images and their metadata (what it takes to reproduce each image)
+        results, first = [], 0
+        for prompts, negs, n, seeds in plans:
+            meta = []
+            for i in range(len(seeds)):
+                p = i // n
+                meta.append(dict(prompt=prompts[p], negative_prompt=negs[p] if negs else "", seed=seeds[i],
+                                 steps=steps, guidance_scale=float(guidance), width=width, height=height,
+                                 scheduler=sched_name, eta=common["eta"], adapters=[[a, s] for a, s in active],
+                                 model=self.model_id, model_hash=self.model_hash, index=i))
+            results.append(GenerationOutput(images=out.images[first:first + len(seeds)], metadata=meta))
+            first += len(seeds)
+        return results
+
+
+# What the requests of one `generate_many` batch share, and the defaults `__call__` has for them.
+BATCH_SHARED = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "adapters", "eta")
+_SHARED_DEFAULTS: dict[str, Any] = dict(num_inference_steps=25, guidance_scale=7.5, height=None, width=None,
+                                        scheduler=None, adapters=(), eta=0.0)
+
+
+def _norm(value: Any) -> Any:
+    """Compare adapters given as tuples or lists alike."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_norm(v) for v in value)
+    return value
 
 
 def _check_lora_fits(unet, name: str, lora: dict) -> None:

@@ -84,7 +84,7 @@ def check_time_limit(kind: str, estimate_s: float, settings: ApiSettings, field:
 
 
 def admit(store: JobStore, queue, settings: ApiSettings, principal: Principal, kind: str, request: dict, *,
-          estimate_s: float, job_id: str | None = None) -> str:
+          estimate_s: float, job_id: str | None = None, batch_key: str = "") -> str:
     """Create and enqueue the job, or raise 429 (queue or key limit) with Retry-After."""
     job_id = job_id or new_id()
     limits = principal.limits
@@ -94,7 +94,8 @@ def admit(store: JobStore, queue, settings: ApiSettings, principal: Principal, k
         key_seconds=math.inf if principal.anonymous else limits.queued_seconds or settings.key_queued_seconds)
     webhook = request.get("webhook_url")
     outcome = store.admit(kind, request, job_id=job_id, owner=principal.id, estimate_s=estimate_s, bounds=bounds,
-                          webhook_url=webhook, webhook_progress=bool(request.get("webhook_progress")))
+                          webhook_url=webhook, webhook_progress=bool(request.get("webhook_progress")),
+                          batch_key=batch_key)
     if not outcome.ok:
         workers = max(1, presence.ready_by_queue(store.r, (kind,)).get(kind, 0))
         retry = max(1, math.ceil(outcome.waiting_s / workers))

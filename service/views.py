@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def public_job(job: dict) -> dict:
-    out = {k: v for k, v in job.items() if k not in ("heartbeat_at", "worker")}
+    out = {k: v for k, v in job.items() if k not in ("heartbeat_at", "worker", "batch_key")}
     out["links"] = job_links(job["id"])
     return out
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from jobs.events import EventChannel
 from jobs.metrics import StepTimings
 from jobs.requests import api_name
-from jobs.store import TERMINAL, JobStore, job_key, usage_key
+from jobs.store import TERMINAL, Claim, JobStore, job_key, usage_key
 from minidalle import Cancelled
 from minidalle.errors import InvalidInput
 from worker import lifecycle
@@ -65,6 +65,7 @@ class JobRun:
         self._step_s = 0.0  # how long the last step took
         self.step_seconds: list[float] = []  # every step of this run (the cost model learns from them)
         self.images = 0  # made by this run (usage)
+        self.share = 1.0  # of the compute it ran in (a batch's jobs share its time by their images)
         self.extra_commands: list[tuple] = []  # Redis commands the body wants sent with the last events
         self._running_since = time.monotonic()
         self._yield_checked = 0.0
@@ -106,7 +107,8 @@ class JobRun:
     def _usage_commands(self) -> list[tuple]:
         """What this run used, added to its key's totals (GET /usage) with the run's last batch of events."""
         key = usage_key(self.job["owner"])
-        commands: list[tuple] = [("HINCRBYFLOAT", key, "compute_s", round(time.perf_counter() - self._started, 6))]
+        took = (time.perf_counter() - self._started) * self.share
+        commands: list[tuple] = [("HINCRBYFLOAT", key, "compute_s", round(took, 6))]
         if self.images:
             commands.append(("HINCRBY", key, "images", self.images))
         if self.kind == "finetune" and self.step_seconds:
@@ -202,49 +204,72 @@ def _worker_name() -> str:
 
 
 def run_job(job_id: str, body: Callable[[JobRun], dict]) -> None:
-    settings = get_worker_settings()
-    store = lifecycle.get_store()
-    worker = _worker_name()
-    claim = store.claim(job_id, worker, stale_after_s=settings.stale_after_s, max_attempts=settings.max_attempts)
-    if claim.outcome in ("cancel", "exhausted"):
-        error = "" if claim.outcome == "cancel" else (
-            f"gave up after {claim.detail} attempts: the worker running it stopped each time")
-        store.finish(job_id, "cancelled" if claim.outcome == "cancel" else "failed", error=error)
-        lifecycle.release_resources(store, store.get(job_id))
+    settings, store, worker = get_worker_settings(), lifecycle.get_store(), _worker_name()
+    job = claim(store, job_id, worker, settings)
+    if job is None:
         return
-    if claim.outcome != "run":  # missing / already finished / another worker has it: a duplicate delivery
-        log.info("job %s: not running it (%s %s)", job_id, claim.outcome, claim.detail)
-        return
-    job = store.get(job_id)
-    log.info("job %s (%s) attempt %s on %s", job_id, job["kind"], claim.detail, worker)
     try:
         with JobRun(store, job, worker, settings) as run:
             result = body(run)
-    except Stop as e:
-        if e.reason == "lost":
+    except Exception as e:  # noqa: BLE001 - the job's final state says what it means (conclude logs the rest)
+        conclude(store, job, worker, settings, error=e)
+    else:
+        conclude(store, job, worker, settings, result=result)
+
+
+def claim(store: JobStore, job_id: str, worker: str, settings: WorkerSettings, outcome: Claim | None = None
+          ) -> dict | None:
+    """Claim a job for this run (or act on a claim already made): its record, or None when it is not this run's to
+    do (ended, another worker has it: a duplicate delivery; or it ends here: cancelled, out of attempts)."""
+    c = outcome or store.claim(job_id, worker, stale_after_s=settings.stale_after_s,
+                               max_attempts=settings.max_attempts)
+    if c.outcome in ("cancel", "exhausted"):
+        error = "" if c.outcome == "cancel" else (
+            f"gave up after {c.detail} attempts: the worker running it stopped each time")
+        store.finish(job_id, "cancelled" if c.outcome == "cancel" else "failed", error=error)
+        lifecycle.release_resources(store, store.get(job_id))
+        return None
+    if c.outcome != "run":  # missing / already finished / another worker has it: a duplicate delivery
+        log.info("job %s: not running it (%s %s)", job_id, c.outcome, c.detail)
+        return None
+    job = store.get(job_id)
+    if job is None:  # expired the moment it was claimed
+        return None
+    log.info("job %s (%s) attempt %s on %s", job_id, job["kind"], c.detail, worker)
+    return job
+
+
+def conclude(store: JobStore, job: dict, worker: str, settings: WorkerSettings, *, result: dict | None = None,
+             error: BaseException | None = None) -> None:
+    """The job's final state after its run (or its way back to the queue), from its result or what stopped it."""
+    job_id = job["id"]
+    if isinstance(error, Stop):
+        if error.reason == "lost":
             log.warning("job %s: another worker took it over; stopping here", job_id)
             return
-        if e.reason in ("shutdown", "yield"):
-            why = "worker shutting down" if e.reason == "shutdown" else "yielding to waiting image requests"
+        if error.reason in ("shutdown", "yield"):
+            why = "worker shutting down" if error.reason == "shutdown" else "yielding to waiting image requests"
             if store.requeue(job_id, worker, why):
                 log.warning("job %s: %s; back in the queue", job_id, why)
+                store.list_batchable(job)
                 try:
                     lifecycle.enqueue(job["kind"], job_id)
                     store.mark_enqueued(job_id)
                 except Exception:  # the reconciler enqueues a job that was never enqueued
                     log.warning("job %s: could not enqueue it again", job_id, exc_info=True)
             return  # still the job's: its adapter name stays held
-        if e.reason == "cancelled":
+        if error.reason == "cancelled":
             store.finish(job_id, "cancelled")
         else:
             store.finish(job_id, "failed", error=f"time limit exceeded ({settings.time_limit_s(job['kind'])} s)")
-    except InvalidInput as e:  # bad input the API could not see (e.g. a dataset the trainer rejects)
-        store.finish(job_id, "failed", error=f"{api_name(e.field)}: {e.message}")
-    except ValueError as e:
-        store.finish(job_id, "failed", error=str(e))
-    except Exception as e:  # the job fails; the worker lives on; the details (paths, hosts) stay in its log
-        log.exception("job %s failed", job_id)
-        store.finish(job_id, "failed", error=f"internal error ({type(e).__name__}); the worker's log has the details")
+    elif isinstance(error, InvalidInput):  # bad input the API could not see (e.g. a dataset the trainer rejects)
+        store.finish(job_id, "failed", error=f"{api_name(error.field)}: {error.message}")
+    elif isinstance(error, ValueError):
+        store.finish(job_id, "failed", error=str(error))
+    elif error is not None:  # the job fails; the worker lives on; the details (paths, hosts) stay in its log
+        log.error("job %s failed", job_id, exc_info=error)
+        store.finish(job_id, "failed", error=f"internal error ({type(error).__name__}); the worker's log has the "
+                     "details")
     else:
         store.finish(job_id, "succeeded", result=result)
     _count_ended(store, job)

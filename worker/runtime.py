@@ -12,6 +12,7 @@ from worker.settings import WorkerSettings
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _pipe = None
+_image_bytes: dict[int, int] = {}  # pixels -> CUDA bytes one image with guidance took (calibrate)
 
 
 def get_pipeline(settings: WorkerSettings):
@@ -40,19 +41,47 @@ def calibrate(pipe, store, settings: WorkerSettings) -> list[tuple[int, float]]:
     pipeline up, so the first request is not the slow one. Returns (tokens, seconds per step) pairs."""
     import time
 
+    import torch
+
     from jobs import cost
 
     measured = []
     for side in (pipe.default_height, 2 * pipe.default_height):
         stamps: list[float] = []
+        cuda = pipe.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(pipe.device)
+            torch.cuda.reset_peak_memory_stats(pipe.device)
+            before = torch.cuda.memory_allocated(pipe.device)
         pipe("calibration", num_inference_steps=3, guidance_scale=7.5, width=side, height=side, seed=0,
              callback=lambda step, total, stamps=stamps: stamps.append(time.perf_counter()))
+        if cuda:  # what one image with guidance takes beyond the weights: sizes the batches (max_batch_images)
+            _image_bytes[side * side] = torch.cuda.max_memory_allocated(pipe.device) - before
         step_s = min(b - a for a, b in zip(stamps, stamps[1:], strict=False))  # steps 2-3: no encoding, no set-up
         p = cost.tokens(side, side, pipe.vae_scale_factor)
         cost.record(store.r, settings.model_name, "generate", tokens=p, batch=2, step_s=step_s)
         measured.append((p, step_s))
     log.info("calibrated: %s", ", ".join(f"{p} tokens {s * 1000:.1f} ms/step" for p, s in measured))
     return measured
+
+
+def max_batch_images(pipe, settings: WorkerSettings, width: int, height: int) -> int:
+    """Images one denoising loop may hold: the setting, and on CUDA what `batch_memory_fraction` of the free memory
+    allows, from what calibration measured per image (scaled by pixels, from the nearest measured size)."""
+    limit = settings.batch_max_images
+    if pipe.device.type != "cuda" or not _image_bytes or limit <= 1:
+        return limit
+    import torch
+
+    pixels = width * height
+    measured = min(_image_bytes, key=lambda p: abs(p - pixels))
+    per_image = max(1, _image_bytes[measured]) * pixels / measured
+    free, _ = torch.cuda.mem_get_info(pipe.device)
+    return images_that_fit(limit, free * settings.batch_memory_fraction, per_image)
+
+
+def images_that_fit(limit: int, budget_bytes: float, per_image_bytes: float) -> int:
+    return max(1, min(limit, int(budget_bytes // per_image_bytes)))
 
 
 def pipeline_loaded() -> bool:

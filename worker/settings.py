@@ -26,6 +26,12 @@ class WorkerSettings(CommonSettings):
     yield_to_generate: bool = True
     yield_after_s: float = Field(2.0, ge=0)
     yield_min_interval_s: float = Field(60.0, ge=0)
+    # Dynamic batching of generate jobs (worker.batch): compatible queued jobs (same steps, guidance, size,
+    # scheduler, adapters) run as one denoising loop of at most `batch_max_images` images (1: never batch; on CUDA
+    # also what free memory allows), after waiting at most `batch_wait_ms` for more to arrive (0: never wait).
+    batch_max_images: int = Field(8, ge=1, le=256)
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+    batch_memory_fraction: float = Field(0.8, gt=0, le=1)  # of free GPU memory a batch may take
     reconcile_interval_s: float = Field(10.0, gt=0)
     # The data volume's janitor (worker.janitor): one worker sweeps this often; an unused dataset stays this long
     # (0: forever). Job folders go when their record has expired (job_ttl_s).

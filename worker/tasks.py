@@ -18,17 +18,19 @@ from pathlib import Path
 from jobs import cost, volume
 from jobs.queue import FINETUNE_TASK, GENERATE_TASK
 from jobs.requests import FinetuneRequest, GenerateRequest
+from minidalle import Cancelled
 from minidalle.errors import InvalidInput
+from worker.batch import Batch, run_batch
 from worker.celery_app import app
-from worker.run import JobRun, run_job
-from worker.runtime import activate_adapter, get_pipeline
+from worker.run import JobRun, Stop, run_job
+from worker.runtime import activate_adapter, get_pipeline, max_batch_images
 
 log = logging.getLogger(__name__)
 
 
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str) -> None:
-    run_job(job_id, _generate)
+    run_batch(job_id, _generate)
 
 
 @app.task(name=FINETUNE_TASK)
@@ -36,32 +38,85 @@ def finetune(job_id: str) -> None:
     run_job(job_id, _finetune)
 
 
-def _generate(run: JobRun) -> dict:
+def _generate(batch: Batch) -> None:
+    """The delivered job, with the compatible ones that wait (worker.batch), in one `generate_many` call."""
+    settings, vol = batch.settings, volume.Volume(batch.settings.data_dir)
+    pipe = get_pipeline(settings)
+    first = GenerateRequest.model_validate(batch.runs[0].job["request"])
+    batch.gather(max_batch_images(pipe, settings, first.width or pipe.default_width,
+                                  first.height or pipe.default_height))
+    members = []
+    for run in list(batch.runs):  # a job whose input is bad fails alone, before any model work
+        try:
+            kwargs = GenerateRequest.model_validate(run.job["request"]).pipeline_kwargs()
+            kwargs["adapters"] = [(activate_adapter(pipe, vol, name), scale) for name, scale in kwargs["adapters"]]
+            pipe.check_inputs(**kwargs)
+        except Exception as e:  # noqa: BLE001 - this job's final state (conclude logs the unexpected)
+            batch.drop(run, e)
+            continue
+        members.append((run, kwargs))
+    _run_together(batch, pipe, vol, members)
+
+
+def _run_together(batch: Batch, pipe, vol: volume.Volume, members: list[tuple[JobRun, dict]]) -> None:
+    from minidalle.pipeline import BATCH_SHARED
     from minidalle.png import save_png
 
-    settings, vol = run.settings, volume.Volume(run.settings.data_dir)
-    kwargs = GenerateRequest.model_validate(run.job["request"]).pipeline_kwargs()
-    pipe = get_pipeline(settings)
-    kwargs["adapters"] = [(activate_adapter(pipe, vol, name), scale) for name, scale in kwargs["adapters"]]
+    if not members:
+        return
+    shared = {k: v for k, v in members[0][1].items() if k in BATCH_SHARED}
+    requests = [{k: v for k, v in kwargs.items() if k not in BATCH_SHARED} for _, kwargs in members]
+    total = sum(kwargs["num_images_per_prompt"] for _, kwargs in members)
+    for run, kwargs in members:
+        run.share = kwargs["num_images_per_prompt"] / total
 
-    def on_step(step: int, total: int) -> None:
-        took = run.step_done()
-        run.publish({"step": step, "total": total, "eta_s": round(took * (total - step), 3)})
+    def on_step(step: int, steps: int) -> None:
+        for run, _ in members:
+            if batch.alive(run):
+                took = run.step_done()
+                try:
+                    run.publish({"step": step, "total": steps, "eta_s": round(took * (steps - step), 3)})
+                except Stop as e:  # this job stops; the batch goes on without it
+                    batch.drop(run, e)
+        if not any(batch.alive(run) for run, _ in members):
+            raise Cancelled("every job of the batch stopped")
 
     t0 = time.perf_counter()
-    out = pipe(**kwargs, callback=on_step)
-    log.info("job %s: pipeline %.3f s", run.id, time.perf_counter() - t0)
-    run.images = len(out.images)
-    meta0 = out.metadata[0]
-    _learn_cost(run, "generate", pipe, width=meta0["width"], height=meta0["height"],
-                batch=len(out.images) * (2 if kwargs["guidance_scale"] > 1 else 1))
-    images = []
-    for i, (image, meta) in enumerate(zip(out.images, out.metadata, strict=True)):
-        save_png(image, vol.image(run.id, i), meta)  # temp file + rename
-        url = volume.image_url(run.id, i)
-        images.append({"index": i, "url": url, "seed": meta.get("seed"), "metadata": meta})
-        run.emit({"index": i, "url": url, "seed": meta.get("seed")}, event="image")
-    return {"images": images}
+    try:
+        outs = pipe.generate_many(requests, callback=on_step, **shared)
+    except Cancelled:
+        if any(batch.alive(run) for run, _ in members):
+            raise
+        return
+    except Exception:
+        left = [m for m in members if batch.alive(m[0])]
+        if len(left) < 2:
+            raise
+        # not a job's input (each was checked): run each alone, so whatever it is fails only the job it belongs to
+        log.warning("a batch of %d jobs failed; running them one by one", len(left), exc_info=True)
+        for member in left:
+            _run_together(batch, pipe, vol, [member])
+        return
+    log.info("jobs %s: pipeline %.3f s for %d images", ",".join(r.id for r, _ in members), time.perf_counter() - t0,
+             total)
+    alive = [(run, out) for (run, _), out in zip(members, outs, strict=True) if batch.alive(run)]
+    if alive:
+        meta0 = alive[0][1].metadata[0]
+        _learn_cost(alive[0][0], "generate", pipe, width=meta0["width"], height=meta0["height"],
+                    batch=total * (2 if shared["guidance_scale"] > 1 else 1))
+    for run, out in alive:
+        try:
+            run.images = len(out.images)
+            images = []
+            for i, (image, meta) in enumerate(zip(out.images, out.metadata, strict=True)):
+                save_png(image, vol.image(run.id, i), meta)  # temp file + rename
+                url = volume.image_url(run.id, i)
+                images.append({"index": i, "url": url, "seed": meta.get("seed"), "metadata": meta})
+                run.emit({"index": i, "url": url, "seed": meta.get("seed")}, event="image")
+        except Exception as e:  # noqa: BLE001 - this job fails alone (conclude logs it)
+            batch.drop(run, e)
+            continue
+        batch.finish(run, {"images": images, "batch": {"jobs": len(members), "images": total}})
 
 
 def _finetune(run: JobRun) -> dict:

@@ -56,7 +56,8 @@ def _submit(req: GenerateRequest, settings, store, queue, model, principal: Prin
     request = req.model_dump()
     if request["seed"] is None:  # chosen here so a re-delivered job makes the same images
         request["seed"] = secrets.randbelow(2**31)
-    return admit(store, queue, settings, principal, "generate", request, estimate_s=estimate)
+    return admit(store, queue, settings, principal, "generate", request, estimate_s=estimate,
+                 batch_key=req.batch_key())
 
 
 def check_webhook(url: str | None, settings) -> None:

@@ -140,3 +140,37 @@ def test_unseeded_runs_record_their_seed(tiny_pipe, as_array):
     assert isinstance(seed, int)
     again = tiny_pipe("a star", num_inference_steps=2, seed=seed)
     assert np.array_equal(as_array(again.images), as_array(out.images))
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_a_batch_makes_what_each_request_makes_alone(tiny_pipe):
+    """generate_many: several requests, one denoising loop; every image as its request makes it alone (its own
+    prompt, negative prompt, seed and image count), so a service may batch without changing anyone's images."""
+    shared = dict(num_inference_steps=4, guidance_scale=7.5)
+    requests = [dict(prompt="a red circle", seed=11, num_images_per_prompt=2),
+                dict(prompt="a blue square", negative_prompt="green", seed=5),
+                dict(prompt=["a green triangle", "a yellow circle"], seed=99)]
+    batched = tiny_pipe.generate_many(requests, **shared)
+    assert [len(o.images) for o in batched] == [2, 1, 2]
+    worst = 0
+    for request, out in zip(requests, batched, strict=True):
+        alone = tiny_pipe(**request, **shared)
+        assert out.metadata == alone.metadata  # same seeds, prompts, indices
+        for a, b in zip(out.images, alone.images, strict=True):
+            worst = max(worst, int(np.abs(_pixels(a) - _pixels(b)).max()))
+    print(f"max pixel difference batched vs alone: {worst}/255")
+    assert worst <= 1
+    assert batched[1].metadata[0]["negative_prompt"] == "green" and batched[0].metadata[1]["seed"] == 12
+
+
+def test_a_batch_refuses_requests_that_disagree_on_what_it_shares(tiny_pipe):
+    with pytest.raises(ValueError, match=r"^num_inference_steps: request 1 asks for 3"):
+        tiny_pipe.generate_many([dict(prompt="a", num_inference_steps=2), dict(prompt="b", num_inference_steps=3)])
+    with pytest.raises(ValueError, match=r"^guidance_scale\b"):
+        tiny_pipe.generate_many([dict(prompt="a", guidance_scale=2.0)], guidance_scale=3.0, num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"^prompt\b"):  # each request's own input is checked before any work
+        tiny_pipe.generate_many([dict(prompt="fine"), dict(prompt=7)], num_inference_steps=2)
+    assert tiny_pipe.generate_many([]) == []

@@ -111,3 +111,20 @@ def test_minimum_steps_per_scheduler_match_the_library():
     info = get_model_info("")
     for name in [None, *SCHEDULERS]:
         assert info.min_steps(name) == min_inference_steps(pipe._scheduler_for(name)), name
+
+
+def test_batch_keys_join_exactly_the_requests_that_can_share_a_denoising_loop():
+    from jobs.requests import GenerateRequest
+    from minidalle.pipeline import BATCH_SHARED
+
+    base = GenerateRequest(prompt="a", num_inference_steps=10, adapters=[{"name": "x", "scale": 0.5}])
+    own = dict(prompt="b", negative_prompt="c", seed=3, num_images=2, webhook_url="https://example.com/h")
+    assert GenerateRequest(**{**base.model_dump(), **own}).batch_key() == base.batch_key()
+    differs = dict(num_inference_steps=11, guidance_scale=2.0, width=128, height=128, scheduler="ddim",
+                   adapters=[{"name": "x", "scale": 0.6}])
+    for field, value in differs.items():
+        assert GenerateRequest(**{**base.model_dump(), field: value}).batch_key() != base.batch_key(), field
+    # what the key holds is what the library's batch shares (eta is not an API field: always the default)
+    library = set(BATCH_SHARED) - {"eta"}
+    assert {GENERATE[n].api_name or n for n in library if n in GENERATE} | {"adapters"} == \
+        {"num_inference_steps", "guidance_scale", "width", "height", "scheduler", "adapters"}

@@ -174,3 +174,44 @@ def test_admission_refuses_past_the_bounds_atomically(store):
     big = store.admit("generate", {}, job_id="f" * 32, owner="k2", estimate_s=200.0,
                       bounds=Bounds(key_seconds=100))
     assert not big.ok and big.reason == "key_seconds"
+
+
+def _admit_batchable(store: JobStore, key: str, images: int = 1) -> str:
+    from jobs.store import Bounds
+    from jobs.volume import new_id
+
+    job_id = new_id()
+    assert store.admit("generate", {"prompt": "x", "num_images": images}, job_id=job_id, owner="anonymous",
+                       estimate_s=1.0, bounds=Bounds(), batch_key=key).ok
+    return job_id
+
+
+def test_claim_batchable_takes_the_oldest_queued_jobs_of_one_key_up_to_a_number_of_images(store):
+    a1, a2, a3 = (_admit_batchable(store, "A", images=n) for n in (2, 3, 1))
+    b1 = _admit_batchable(store, "B")
+    gone = _admit_batchable(store, "A")
+    assert store.cancel(gone) == "cancelled"  # ended while queued: skipped (and unlisted)
+    taken = store.claim_batchable("A", "w1", max_images=4, stale_after_s=30, max_attempts=3)
+    # a1 (2) fits, a2 (3) does not fit the 2 left (it stays for another batch), a3 (1) fits
+    assert [(c.job_id, c.claim.outcome) for c in taken] == [(a1, "run"), (a3, "run")]
+    assert store.get(a1)["state"] == "running" and store.get(a1)["worker"] == "w1"
+    assert store.get(a2)["state"] == "queued" and store.get(b1)["state"] == "queued"
+    assert store.queued("generate")[0] == 2  # the admission counters follow the claims
+    assert store.r.zrange("minidalle:batchable:A", 0, -1) == [a2]
+    # another worker's delivery of a claimed job is a duplicate; a claimed job is never claimed by a batch again
+    assert store.claim(a1, "w2", stale_after_s=30, max_attempts=3).outcome == "busy"
+    assert store.claim_batchable("A", "w2", max_images=8, stale_after_s=30, max_attempts=3)[0].job_id == a2
+    assert store.claim_batchable("A", "w3", max_images=8, stale_after_s=30, max_attempts=3) == []
+
+
+def test_a_requeued_generate_job_can_be_batched_again(store):
+    job_id = _admit_batchable(store, "K")
+    job = store.get(job_id)
+    assert job["batch_key"] == "K"
+    assert store.claim(job_id, "w1", stale_after_s=30, max_attempts=3).outcome == "run"
+    store.unlist_batchable(job)
+    assert store.claim_batchable("K", "w2", max_images=8, stale_after_s=30, max_attempts=3) == []
+    assert store.requeue(job_id, "w1", "worker shutting down")
+    store.list_batchable(job)
+    assert [c.job_id for c in store.claim_batchable("K", "w2", max_images=8, stale_after_s=30, max_attempts=3)] \
+        == [job_id]
