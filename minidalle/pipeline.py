@@ -63,6 +63,10 @@ class MiniDallePipeline:
         self._model_hash: str | None = None
         self._lora_layers: tuple[tuple, list] | None = None  # (adapter names it was built for, LoRA layers)
         self._schedulers: dict[str, tuple] = {}  # name -> (base scheduler it was built from, scheduler)
+        self._fuse_qkv = False  # fast path (enable_fast_path): fused q/k/v while no LoRA is active
+        self._fused_now = False
+        self._fused_built = False
+        self._compiled_unet: Any = None  # torch.compile'd UNet, used while no LoRA is active
         # diffusers' own pipeline over the very same modules: it runs the denoising loop
         self._sd = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -171,6 +175,56 @@ class MiniDallePipeline:
                     h.update(v.detach().float().cpu().numpy().tobytes())
             self._model_hash = h.hexdigest()[:16]
         return self._model_hash
+
+    # ------------------------------------------------------------------------------------------------------------
+    # speed
+    def enable_fast_path(self, *, channels_last: bool = False, fuse_qkv: bool = False, vae_slicing: bool = False,
+                         vae_tiling: bool = False, compile_unet: bool = False,
+                         compile_mode: str = "max-autotune-no-cudagraphs") -> dict[str, bool]:
+        """diffusers' speed switches, each optional; returns what is on. Attention is already PyTorch's SDPA
+        (diffusers' default processor).
+
+        - `channels_last`: UNet and VAE in channels-last memory layout (faster convolutions on CUDA).
+        - `fuse_qkv`: one q/k/v projection per attention (diffusers' `fuse_qkv_projections`), used only while no
+          LoRA is active: LoRA sits on the separate `to_q/to_k/to_v`, so requests with adapters (and training) run
+          the plain projections. Not bit-identical to the separate ones (one matmul instead of three).
+        - `vae_slicing` / `vae_tiling`: decode a batch one image at a time / big images in tiles (less peak memory;
+          tiling applies only to images larger than the VAE's tile).
+        - `compile_unet`: `torch.compile` the UNet, used while no LoRA is active (requests with adapters run the
+          eager UNet, so adapters stay switchable without recompiling); the first calls compile.
+        """
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if vae_slicing:
+            self.vae.enable_slicing()
+        if vae_tiling:
+            self.vae.enable_tiling()
+        self._fuse_qkv = fuse_qkv
+        if compile_unet and self._compiled_unet is None:
+            self._compiled_unet = torch.compile(self.unet, mode=compile_mode)
+        self.select_unet(lora_active=False)
+        return dict(channels_last=channels_last, fuse_qkv=fuse_qkv, vae_slicing=vae_slicing, vae_tiling=vae_tiling,
+                    compile_unet=self._compiled_unet is not None)
+
+    def select_unet(self, *, lora_active: bool) -> None:
+        """The UNet path for what comes next: with LoRA active (a request with adapters, training) the plain
+        projections and the eager UNet; without, the fast path's fused projections and compiled UNet (if on)."""
+        want_fused = self._fuse_qkv and not lora_active
+        if want_fused != self._fused_now:
+            if want_fused and not self._fused_built:
+                self.unet.fuse_qkv_projections()  # builds to_qkv / to_kv from the base weights, once
+                self._fused_built = True
+            elif want_fused:
+                from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+                self.unet.set_attn_processor(FusedAttnProcessor2_0())
+            else:
+                self.unet.unfuse_qkv_projections()  # back to the processors it had
+            self._fused_now = want_fused
+        unet = self._compiled_unet if self._compiled_unet is not None and not lora_active else self.unet
+        if self._sd.unet is not unet:
+            object.__setattr__(self._sd, "unet", unet)  # not DiffusionPipeline.__setattr__: its config stays as is
 
     # ------------------------------------------------------------------------------------------------------------
     # adapters
@@ -386,6 +440,7 @@ class MiniDallePipeline:
         height, width = common["height"] or self.default_height, common["width"] or self.default_width
         # 2. adapters (LoRA on the UNet + prior deltas)
         active = self._activate(common["adapters"])
+        self.select_unet(lora_active=bool(active))
         cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
         embeds, negative_embeds, generators, plans = [], [], [], []
         for r in requests:

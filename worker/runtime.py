@@ -31,8 +31,20 @@ def get_pipeline(settings: WorkerSettings):
                                                       device=settings.device or None,
                                                       max_loaded_adapters=settings.adapter_cache_size,
                                                       model_id=settings.model_name)  # never a server path
-            log.info("model loaded on %s (%s)", _pipe.device, _pipe.dtype)
+            on = _pipe.enable_fast_path(**fast_path(settings, _pipe.device.type))
+            log.info("model loaded on %s (%s); fast path: %s", _pipe.device, _pipe.dtype,
+                     ", ".join(k for k, v in on.items() if v) or "off")
         return _pipe
+
+
+def fast_path(settings: WorkerSettings, device_type: str) -> dict:
+    """`enable_fast_path` keywords: each switch as set, or (None) on for CUDA."""
+    def auto(value: bool | None) -> bool:
+        return device_type == "cuda" if value is None else value
+
+    return dict(channels_last=auto(settings.channels_last), fuse_qkv=auto(settings.fuse_qkv),
+                vae_slicing=auto(settings.vae_slicing), vae_tiling=auto(settings.vae_tiling),
+                compile_unet=settings.compile_unet, compile_mode=settings.compile_mode)
 
 
 def calibrate(pipe, store, settings: WorkerSettings) -> list[tuple[int, float]]:

@@ -32,6 +32,15 @@ class WorkerSettings(CommonSettings):
     batch_max_images: int = Field(8, ge=1, le=256)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     batch_memory_fraction: float = Field(0.8, gt=0, le=1)  # of free GPU memory a batch may take
+    # The fast path (MiniDallePipeline.enable_fast_path): None = on when the device is CUDA, off on a CPU (where the
+    # images then match stock diffusers bit for bit). compile_unet: torch.compile the UNet for requests without
+    # adapters (the worker's calibration at start is the warm-up that compiles it).
+    channels_last: bool | None = None
+    fuse_qkv: bool | None = None
+    vae_slicing: bool | None = None
+    vae_tiling: bool | None = None
+    compile_unet: bool = False
+    compile_mode: str = "max-autotune-no-cudagraphs"
     reconcile_interval_s: float = Field(10.0, gt=0)
     # The data volume's janitor (worker.janitor): one worker sweeps this often; an unused dataset stays this long
     # (0: forever). Job folders go when their record has expired (job_ttl_s).

@@ -99,6 +99,7 @@ class Trainer:
         pipe.unet.enable_lora()
         pipe.unet.set_adapters([TRAIN_ADAPTER])
         pipe.prior.set_active([])  # adapters a served request left active must not shape this training
+        pipe.select_unet(lora_active=True)  # the separate to_q/to_k/to_v the LoRA sits on (not a fused fast path)
         self.lora_params = [p for n, p in pipe.unet.named_parameters() if f".{TRAIN_ADAPTER}." in n]
         for p in pipe.unet.parameters():
             p.requires_grad_(False)
