@@ -67,7 +67,7 @@ def one_run(mode: str, args) -> dict:
             latencies = []
             for i in range(args.requests):
                 t0 = time.perf_counter()
-                r = http.post("/generate", params={"wait": 120}, json={"prompt": "a red circle", "seed": i,
+                r = http.post("/generate", params={"wait": 120}, timeout=200, json={"prompt": "a red circle", "seed": i,
                                                                       "num_inference_steps": args.steps})
                 assert r.status_code == 200, r.text
                 latencies.append(time.perf_counter() - t0)

@@ -307,6 +307,21 @@ class JobStore:
             self.r.zrem(key, *gone)
         return claimed
 
+    def oldest_batchable(self, skip: Sequence[str] = ()) -> str | None:
+        """The oldest queued generate job listed for batching (any key), not in `skip`; unlists ended ones."""
+        best: tuple[float, str] | None = None
+        for key in self.r.scan_iter(match=BATCHABLE_KEY + "*", count=100):
+            for job_id, created in cast(list, self.r.zrange(key, 0, len(skip) + 16, withscores=True)):
+                if job_id in skip:
+                    continue
+                if self.r.hget(job_key(job_id), "state") != "queued":
+                    self.r.zrem(key, job_id)
+                    continue
+                if best is None or created < best[0]:
+                    best = (created, job_id)
+                break
+        return best[1] if best else None
+
     def unlist_batchable(self, job: dict) -> None:
         """A job claimed through its own delivery is no longer there to be batched."""
         if job.get("batch_key"):

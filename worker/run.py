@@ -203,18 +203,21 @@ def _worker_name() -> str:
     return f"{lifecycle.node_name()}/{os.getpid()}"
 
 
-def run_job(job_id: str, body: Callable[[JobRun], dict]) -> None:
+def run_job(job_id: str, body: Callable[[JobRun], dict]) -> str | None:
+    """Run one job to its final state (or back to its queue); returns why it stopped early (`Stop.reason`) or
+    None."""
     settings, store, worker = get_worker_settings(), lifecycle.get_store(), _worker_name()
     job = claim(store, job_id, worker, settings)
     if job is None:
-        return
+        return None
     try:
         with JobRun(store, job, worker, settings) as run:
             result = body(run)
     except Exception as e:  # noqa: BLE001 - the job's final state says what it means (conclude logs the rest)
         conclude(store, job, worker, settings, error=e)
-    else:
-        conclude(store, job, worker, settings, result=result)
+        return e.reason if isinstance(e, Stop) else None
+    conclude(store, job, worker, settings, result=result)
+    return None
 
 
 def claim(store: JobStore, job_id: str, worker: str, settings: WorkerSettings, outcome: Claim | None = None

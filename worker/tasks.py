@@ -24,6 +24,7 @@ from worker.batch import Batch, run_batch
 from worker.celery_app import app
 from worker.run import JobRun, Stop, run_job
 from worker.runtime import activate_adapter, get_pipeline, max_batch_images
+from worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,26 @@ def generate(job_id: str) -> None:
 
 @app.task(name=FINETUNE_TASK)
 def finetune(job_id: str) -> None:
-    run_job(job_id, _finetune)
+    if run_job(job_id, _finetune) == "yield":
+        serve_waiting_images()
+
+
+def serve_waiting_images() -> int:
+    """A fine-tune just yielded (it is back in its queue): make the images that wait, here and now, oldest first
+    (batched as usual), before this worker takes its next message, whichever queue the broker hands it from. At
+    most `yield_min_interval_s` of it, so the fine-tune is not starved either. Returns the batches run."""
+    from worker import lifecycle
+
+    settings, store = get_worker_settings(), lifecycle.get_store()
+    deadline, tried, batches = time.monotonic() + settings.yield_min_interval_s, [], 0
+    while time.monotonic() < deadline and not lifecycle.shutting_down():
+        job_id = store.oldest_batchable(skip=tried)
+        if job_id is None:
+            break
+        tried.append(job_id)  # taken by another worker meanwhile: not tried again
+        run_batch(job_id, _generate)
+        batches += 1
+    return batches
 
 
 def _generate(batch: Batch) -> None:
