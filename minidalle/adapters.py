@@ -3,6 +3,7 @@
     {adapter_dir}/
       adapter.safetensors                 LoRA in peft keys ("unet.<key>") + prior MLP ("prior.<key>")
       pytorch_lora_weights.safetensors    the same LoRA in the layout diffusers' `load_lora_weights` reads
+      kohya_lora.safetensors              the same LoRA in kohya keys with `.alpha` (A1111, ComfyUI)
       adapter.json                        base model + hash, LoRA config, training config, steps, dataset hash, created
 
 Only safetensors are read; nothing is unpickled. Writes go to a temporary sibling folder that is renamed into place,
@@ -84,8 +85,10 @@ def _lora_settings(meta: dict[str, Any], where) -> LoraSettings:
 
 def _diffusers_lora_metadata(settings: LoraSettings) -> dict[str, Any]:
     # what diffusers' load_lora_weights reads to rebuild the LoraConfig (alpha ≠ rank must survive)
+    # dropout 0: this file is for inference; with the training dropout, diffusers would build Dropout layers that a
+    # pipeline left in training mode applies, and the same seed would make other pixels
     return {"r": settings.rank, "lora_alpha": settings.alpha, "target_modules": list(settings.target_modules),
-            "lora_dropout": settings.dropout, "use_dora": False, "lora_bias": False}
+            "lora_dropout": 0.0, "use_dora": False, "lora_bias": False}
 
 
 def save_adapter(out_dir: str | os.PathLike, *, lora: dict[str, torch.Tensor], prior: dict[str, torch.Tensor] | None,
@@ -108,6 +111,11 @@ def save_adapter(out_dir: str | os.PathLike, *, lora: dict[str, torch.Tensor], p
             tmp, unet_lora_layers=unet_layers, weight_name=DIFFUSERS_FILE, safe_serialization=True,
             unet_lora_adapter_metadata=_diffusers_lora_metadata(settings),
         )
+        from minidalle.lora_formats import KOHYA_FILE, kohya_state_dict
+
+        save_file(kohya_state_dict(lora, settings.alpha), tmp / KOHYA_FILE,
+                  metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(settings.rank),
+                            "ss_network_alpha": str(settings.alpha), "format": "pt"})
         full_meta = {"format_version": FORMAT_VERSION, **meta, "lora": settings.to_dict(),
                      "has_prior": prior is not None}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True))

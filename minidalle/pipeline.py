@@ -258,7 +258,7 @@ class MiniDallePipeline:
         from peft import inject_adapter_in_model
         from peft.utils import set_peft_model_state_dict
 
-        _check_lora_fits(self.unet, name, adapter.lora)  # before touching the UNet: a clear error, nothing half-done
+        check_lora_fits(self.unet, name, adapter.lora)  # before touching the UNet: a clear error, nothing half-done
         device, dtype = self.device, self.dtype  # each property walks every module: read once
         lora = {k: v.to(device=device, dtype=dtype) for k, v in adapter.lora.items()}
         config = adapter.lora_settings.peft_config()
@@ -511,17 +511,17 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def _check_lora_fits(unet, name: str, lora: dict) -> None:
+def check_lora_fits(unet, name: str, lora: dict, field: str = "adapters") -> None:
     """Every LoRA matrix must sit on a Linear of this UNet with matching width (else: an adapter for another model)."""
     linears = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
     for key, t in lora.items():
         module, _, kind = key.rpartition(".lora_")
         target = linears.get(module) or linears.get(f"{module}.base_layer")
         if target is None or t.ndim != 2:
-            raise InvalidInput("adapters", f"{name!r} has LoRA weights for a module this model lacks: {module!r}")
+            raise InvalidInput(field, f"{name!r} has LoRA weights for a module this model lacks: {module!r}")
         want = t.shape[1] == target.in_features if kind.startswith("A") else t.shape[0] == target.out_features
         if not want:
-            raise InvalidInput("adapters", f"{name!r} does not fit this model ({key}: {tuple(t.shape)} vs "
+            raise InvalidInput(field, f"{name!r} does not fit this model ({key}: {tuple(t.shape)} vs "
                              f"{target.in_features}->{target.out_features})")
 
 

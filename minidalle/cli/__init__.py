@@ -22,11 +22,13 @@ FLAG_FOR_FIELD = {
     **flags_of(GENERATE), **flags_of(FINETUNE),
     "negative_prompt": "--negative-prompt", "adapters": "--adapter", "adapter": "--adapter", "model": "--model",
     "torch_dtype": "--dtype", "device": "--device", "dataset_dir": "DATASET_DIR", "output_dir": "--out",
+    "file": "FILE_OR_DIR",
 }
 
 SUBCOMMANDS = {  # subcommand -> (module, function, help); the function parses its own arguments
     "serve": ("service.serve", "serve_main", "run the HTTP service (api + worker + redis) on this machine"),
     "keys": ("minidalle.cli.keys", "keys_main", "create, list and revoke the service's API keys"),
+    "adapters": ("minidalle.cli.adapters", "adapters_main", "import LoRA files from kohya / A1111, diffusers, peft"),
     "eval": ("minidalle.cli.tiny", "eval_main", "evaluate a model or adapter on held-out shapes prompts"),
     "train-base": ("minidalle.cli.tiny", "train_base_main", "train the embedded tiny-shapes base model"),
     "shapes": ("minidalle.cli.tiny", "shapes_main", "write the procedural shapes dataset as an imagefolder"),
