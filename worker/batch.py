@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from jobs.store import JobStore
 from worker import lifecycle
-from worker.run import JobRun, Stop, _worker_name, claim, conclude
+from worker.run import JobRun, _worker_name, claim, conclude
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -111,5 +111,3 @@ def run_batch(job_id: str, body: Callable[[Batch], None]) -> None:
     for run in list(batch.runs):  # the body returned without ending it: a bug, said as one
         batch.drop(run, RuntimeError("the batch ended without this job's result"))
 
-
-__all__ = ["Batch", "Stop", "images_of", "run_batch"]

@@ -89,11 +89,7 @@ def max_batch_images(pipe, settings: WorkerSettings, width: int, height: int) ->
     measured = min(_image_bytes, key=lambda p: abs(p - pixels))
     per_image = max(1, _image_bytes[measured]) * pixels / measured
     free, _ = torch.cuda.mem_get_info(pipe.device)
-    return images_that_fit(limit, free * settings.batch_memory_fraction, per_image)
-
-
-def images_that_fit(limit: int, budget_bytes: float, per_image_bytes: float) -> int:
-    return max(1, min(limit, int(budget_bytes // per_image_bytes)))
+    return max(1, min(limit, int(free * settings.batch_memory_fraction // per_image)))
 
 
 def pipeline_loaded() -> bool:
