@@ -1,7 +1,8 @@
 """The queue both sides share: Celery over Redis, the task names, and `enqueue`. Torch-free.
 
 The API builds a producer-only app (`make_app(settings)`) and sends tasks by name; the workers build theirs with
-the task code included (`worker.celery_app`). Neither imports the other.
+the task code included (`worker.celery_app`). Neither imports the other. Each kind of job has its task; the queue
+a kind runs on is `jobs.kinds.QUEUE_OF` (an import runs on the generate queue).
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from jobs.kinds import QUEUES, queue_of
 from jobs.settings import CommonSettings
 
 GENERATE_TASK = "minidalle.generate"
 FINETUNE_TASK = "minidalle.finetune"
-QUEUES = ("generate", "finetune")
-TASK_FOR_KIND = {"generate": GENERATE_TASK, "finetune": FINETUNE_TASK}
-TASK_QUEUE = {GENERATE_TASK: "generate", FINETUNE_TASK: "finetune"}
+IMPORT_TASK = "minidalle.import_adapter"
+TASK_FOR_KIND = {"generate": GENERATE_TASK, "finetune": FINETUNE_TASK, "import": IMPORT_TASK}
+TASK_QUEUE = {task: queue_of(kind) for kind, task in TASK_FOR_KIND.items()}
+__all__ = ["FINETUNE_TASK", "GENERATE_TASK", "IMPORT_TASK", "QUEUES", "TASK_FOR_KIND", "TASK_QUEUE", "enqueue",
+           "make_app", "queue_depth", "revoke"]
 
 
 def make_app(settings: CommonSettings, *, include: tuple[str, ...] = ()) -> Celery:
@@ -30,6 +34,10 @@ def make_app(settings: CommonSettings, *, include: tuple[str, ...] = ()) -> Cele
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # pool=solo runs one task at a time, and Celery reserves concurrency x multiplier messages: left at its
+        # default (the CPU count) a worker would hold messages other workers could run, and take the next one before
+        # it reads a revoke (`celery control revoke`) sent while it was busy
+        worker_concurrency=1,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         task_serializer="json",

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobs.kinds import queue_of
 from minidalle.embedded import default_model
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -82,4 +83,5 @@ class CommonSettings(BaseSettings):
             (self.model or Path(default_model()).name)
 
     def time_limit_s(self, kind: str) -> int:
-        return self.generate_time_limit_s if kind == "generate" else self.finetune_time_limit_s
+        """The limit of the queue the kind runs on (an import: the generate queue's)."""
+        return self.finetune_time_limit_s if queue_of(kind) == "finetune" else self.generate_time_limit_s

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from typing import Any, cast
 import redis
 
 from jobs.events import EventChannel
+from jobs.kinds import KINDS, queue_of
 from jobs.lua import ADMIT, CANCEL, CLAIM, FINISH, HEARTBEAT, RECONCILE, RELEASE, REQUEUE
+from jobs.volume import Volume, is_id
 from jobs.volume import new_id as new_job_id
 from jobs.webhooks import OUTBOX_KEY
 
@@ -35,13 +38,12 @@ WORKER_KEY = PREFIX + "worker:"
 RECONCILER_LOCK = PREFIX + "reconciler"
 JANITOR_LOCK = PREFIX + "janitor"
 ADAPTER_RESERVATION = PREFIX + "adapter-reserved:"
-QUEUED_KEY = PREFIX + "queued"  # hash "{kind}:jobs" / "{kind}:seconds": what waits in each queue (estimates)
+QUEUED_KEY = PREFIX + "queued"  # hash "{queue}:jobs" / "{queue}:seconds": what waits in each queue (estimates)
 USAGE_ACTIVE_KEY = PREFIX + "usage:active"  # hash "{owner}:jobs" / "{owner}:seconds": each key's live jobs
 WEBHOOK_OUTBOX = OUTBOX_KEY  # job ids whose final state a webhook must announce (pushed by FINISH / CANCEL)
 BATCHABLE_KEY = PREFIX + "batchable:"  # zset per batch key: queued generate jobs a worker may run together
 UNLIMITED = float("inf")
 
-KINDS = ("generate", "finetune")
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -172,13 +174,13 @@ class JobStore:
                   owner_index_key(owner), BATCHABLE_KEY + batch_key],
             args=[job_id, kind, json.dumps(request), repr(time.time()), repr(float(estimate_s)), owner, self.maxlen,
                   num(bounds.queued_jobs), num(bounds.queued_seconds), num(bounds.key_jobs), num(bounds.key_seconds),
-                  webhook_url or "", "1" if webhook_progress else "0", batch_key, self.ttl_s],
+                  webhook_url or "", "1" if webhook_progress else "0", batch_key, self.ttl_s, queue_of(kind)],
         )
         return Admission(reason == "ok", "" if reason == "ok" else reason, float(waiting or 0))
 
-    def queued(self, kind: str) -> tuple[int, float]:
-        """Jobs waiting in a kind's queue and their estimated seconds."""
-        jobs, secs = cast(list, self.r.hmget(QUEUED_KEY, f"{kind}:jobs", f"{kind}:seconds"))
+    def queued(self, queue: str) -> tuple[int, float]:
+        """Jobs waiting in a queue (`jobs.kinds.QUEUES`; all kinds that run on it) and their estimated seconds."""
+        jobs, secs = cast(list, self.r.hmget(QUEUED_KEY, f"{queue}:jobs", f"{queue}:seconds"))
         return int(jobs or 0), float(secs or 0)
 
     def active_usage(self, owner: str) -> tuple[int, float]:
@@ -189,13 +191,14 @@ class JobStore:
     def mark_enqueued(self, job_id: str) -> None:
         self.r.hset(job_key(job_id), "enqueued", 1)
 
-    def cancel(self, job_id: str) -> str:
-        """'cancelled' (was queued), 'requested' (running: it stops soon), 'finished', 'missing'."""
-        data = json.dumps({"reason": "cancelled before it started"})
+    def cancel(self, job_id: str, *, queued_only: bool = False, reason: str = "cancelled before it started") -> str:
+        """'cancelled' (was queued), 'requested' (running: it stops soon), 'finished', 'missing'; with `queued_only`
+        a running job is left alone: 'running'."""
+        data = json.dumps({"reason": reason})
         return self._cancel(
             keys=[job_key(job_id), events_key(job_id), ACTIVE_KEY, STATS_KEY, done_key(job_id), QUEUED_KEY,
                   USAGE_ACTIVE_KEY, WEBHOOK_OUTBOX],
-            args=["cancelled", "null", "", self.ttl_s, self.maxlen, data, job_id],
+            args=["cancelled", "null", "", self.ttl_s, self.maxlen, data, job_id, "1" if queued_only else "0"],
         )
 
     def get(self, job_id: str) -> dict | None:
@@ -248,7 +251,7 @@ class JobStore:
         return counts
 
     def reserve_adapter_name(self, name: str, job_id: str) -> bool:
-        """Hold an adapter name for a fine-tune until it ends; False if a live job holds it."""
+        """Hold an adapter name for a fine-tune or an import until it ends; False if a live job holds it."""
         key = ADAPTER_RESERVATION + name
         if self.r.set(key, job_id, nx=True):
             return True
@@ -394,6 +397,18 @@ class JobStore:
 
     def active_ids(self) -> list[str]:
         return list(cast(set[str], self.r.smembers(ACTIVE_KEY)))
+
+
+def release_holds(store: JobStore, job: dict | None, vol: Volume | None) -> None:
+    """What a job held until it ended (whoever ends it: its worker, a cancel, a revoke): a fine-tune's or an
+    import's hold on its adapter name, an import's uploaded file (on `vol`; without one, the janitor's)."""
+    if not job or not job.get("request"):
+        return
+    request = job["request"]
+    if job["kind"] in ("finetune", "import") and request.get("name"):
+        store.release_adapter_name(request["name"], job["id"])
+    if vol is not None and job["kind"] == "import" and is_id(request.get("upload_id") or ""):
+        shutil.rmtree(vol.upload(request["upload_id"]), ignore_errors=True)
 
 
 def decode_job(raw: dict[str, str]) -> dict:

@@ -5,9 +5,10 @@
     jobs/{job_id}/images/{i}.png  a generate job's images
     jobs/{job_id}/checkpoints/    a fine-tune's checkpoints (until it publishes)
     jobs/{job_id}/validation/     a fine-tune's validation images, {tag}/{i}.png
-    jobs/{job_id}/adapter/        a fine-tune's adapter before it is renamed into adapters/{name}
+    jobs/{job_id}/adapter/        a fine-tune's (or an import's) adapter before it is renamed into adapters/{name}
+    uploads/{upload_id}/lora.safetensors   a LoRA file uploaded to POST /adapters, until its import job ends
 
-Ids (jobs, datasets) are 32 lowercase hex digits; adapter names follow `minidalle.params.ADAPTER_NAME_PATTERN`.
+Ids (jobs, datasets, uploads) are 32 lowercase hex digits; adapter names follow `minidalle.params.ADAPTER_NAME_PATTERN`.
 A path is only built from a valid id or name, so nothing a client sends can point outside its folder.
 """
 
@@ -30,6 +31,7 @@ ADAPTER_META = "adapter.json"
 ADAPTER_ACCESS = "access.json"  # {"owner": key id, "visibility": "private" | "public"}; not part of downloads
 VISIBILITIES = ("private", "public")
 ADAPTER_FILES = ("adapter.safetensors", "pytorch_lora_weights.safetensors", ADAPTER_META)
+UPLOAD_LORA = "lora.safetensors"
 VALIDATION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.png$")
 
 __all__ = ["ADAPTER_NAME_PATTERN", "Volume", "adapter_url", "image_url", "is_adapter_name", "is_id", "new_id"]
@@ -87,6 +89,17 @@ class Volume:
     def jobs(self) -> Path:
         return self.root / "jobs"
 
+    @property
+    def uploads(self) -> Path:
+        return self.root / "uploads"
+
+    def upload(self, upload_id: str) -> Path:
+        """uploads/{upload_id}/: one uploaded file (`upload_file`), kept until the job that reads it ends."""
+        return self.uploads / _checked(upload_id, is_id, "upload_id")
+
+    def upload_file(self, upload_id: str) -> Path:
+        return self.upload(upload_id) / UPLOAD_LORA
+
     def dataset(self, dataset_id: str) -> Path:
         return self.datasets / _checked(dataset_id, is_id, "dataset_id")
 
@@ -115,7 +128,8 @@ class Volume:
         return self.job(job_id) / "validation"
 
     def unpublished_adapter(self, job_id: str) -> Path:
-        """A fine-tune's adapter as the trainer writes it, before it is renamed into adapters/{name}."""
+        """A fine-tune's adapter as the trainer writes it (an import's as it is converted), before it is renamed
+        into adapters/{name}."""
         return self.job(job_id) / "adapter"
 
     def image(self, job_id: str, index: int) -> Path:

@@ -1,6 +1,7 @@
 """Who is asking and how fast they may ask: API keys (`jobs.keys`) and a per-key rate limit (`limits`, on Redis).
 
-`Authorization: Bearer <key>` names the key. With `MINIDALLE_AUTH=keys` a request without one is a 401; with
+`Authorization: Bearer <key>` names the key (or HTTP Basic with the key as its password, which is how A1111 clients
+send `--api-auth` credentials). With `MINIDALLE_AUTH=keys` a request without one is a 401; with
 `open` it acts as the built-in admin `anonymous`. A known key is cached for a few seconds (a revoked key stops
 working within `CACHE_S`), so a request costs no Redis round trip for its key most of the time.
 
@@ -11,6 +12,7 @@ request is free again), and a request over the limit is a 429 with `Retry-After`
 
 from __future__ import annotations
 
+import base64
 import math
 import time
 
@@ -50,8 +52,12 @@ class Auth:
                 return ANONYMOUS
             raise _unauthorized("an API key is required: send `Authorization: Bearer <key>`")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise _unauthorized("send the API key as `Authorization: Bearer <key>`")
+        if scheme.lower() == "basic":  # A1111's --api-auth: clients send user:password; the password is the key
+            token = _basic_password(token)
+        elif scheme.lower() != "bearer":
+            token = ""
+        if not token.strip():
+            raise _unauthorized("send the API key as `Authorization: Bearer <key>` (or as the password of HTTP Basic)")
         principal = await self._lookup(token.strip())
         if principal is None:
             raise _unauthorized("unknown or revoked API key")
@@ -86,6 +92,15 @@ class Auth:
         if not allowed:
             raise HTTPException(429, f"rate limit: at most {per_minute} requests per minute for this key",
                                 headers={"Retry-After": str(max(1, reset_s)), **request.state.ratelimit})
+
+
+def _basic_password(credentials: str) -> str:
+    """The password of HTTP Basic credentials (base64 of `user:password`); empty when they are malformed."""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2]
 
 
 def _unauthorized(detail: str) -> HTTPException:

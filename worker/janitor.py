@@ -8,6 +8,8 @@ workers (a Redis lock).
     datasets/{id}/      removed when unused for `dataset_ttl_s` (uploaded, or last trained on, that long ago) and no
                         queued or running fine-tune names it; `dataset_ttl_s = 0` keeps datasets forever
     datasets/.incoming-*, .deleting-*    leftovers of an upload or a removal that was interrupted: after an hour
+    uploads/{id}/       a LoRA file for an import job: its job removes it when it ends; one no queued or running
+                        import names (the API stopped before it queued the job, a lost record) goes after an hour
 
 Adapters are never removed here (only `DELETE /adapters/{name}` does). A folder is first renamed to `.deleting-…`
 and then deleted, so a half-removed folder is never served as a job's or a dataset's.
@@ -42,20 +44,25 @@ def newest_mtime(path: Path) -> float:
     return newest
 
 
-def datasets_in_use(store: JobStore) -> set[str]:
+def named_by_live_jobs(store: JobStore, kind: str, field: str) -> set[str]:
+    """The `field` of every queued or running job of `kind` (dataset ids of fine-tunes, upload ids of imports)."""
     used = set()
     for job_id in store.active_ids():
         job = store.get(job_id)
-        if job and job["kind"] == "finetune" and job.get("request"):
-            used.add(job["request"].get("dataset_id"))
+        if job and job["kind"] == kind and job.get("request"):
+            used.add(job["request"].get(field))
     return used
+
+
+def datasets_in_use(store: JobStore) -> set[str]:
+    return named_by_live_jobs(store, "finetune", "dataset_id")
 
 
 def sweep(store: JobStore, data_dir: Path, *, job_ttl_s: float, dataset_ttl_s: float,
           now: float | None = None) -> dict[str, list[str]]:
     """One pass; returns what was removed, by kind. A folder that vanishes or fails mid-pass is skipped."""
     now = time.time() if now is None else now
-    removed: dict[str, list[str]] = {"jobs": [], "datasets": [], "leftovers": []}
+    removed: dict[str, list[str]] = {"jobs": [], "datasets": [], "uploads": [], "leftovers": []}
 
     def each(parent: Path, decide) -> None:
         for d in subdirs(parent):
@@ -85,10 +92,18 @@ def sweep(store: JobStore, data_dir: Path, *, job_ttl_s: float, dataset_ttl_s: f
         shutil.rmtree(doomed, ignore_errors=True)
         removed["datasets"].append(d.name)
 
+    def upload(d: Path) -> None:
+        if is_id(d.name) and d.name not in uploads and now - newest_mtime(d) >= LEFTOVER_AFTER_S:
+            remove_tree(d)
+            removed["uploads"].append(d.name)
+
     vol = Volume(data_dir)
     each(vol.jobs, leftover)
     each(vol.datasets, leftover)
+    each(vol.uploads, leftover)
     each(vol.jobs, job)
+    uploads = named_by_live_jobs(store, "import", "upload_id")
+    each(vol.uploads, upload)
     if dataset_ttl_s > 0:
         in_use = datasets_in_use(store)
         each(vol.datasets, dataset)

@@ -1,5 +1,5 @@
 """Worker process lifecycle (Celery signals): preload the pipeline, announce presence, run the reconciler (and,
-less often, the data volume's janitor).
+less often, the data volume's janitor), end a job whose message was revoked (`celery control revoke`, Flower).
 
 The reconciler exists because Celery's Redis transport does not promptly re-deliver the task of a worker that
 died (a worker only restores unacknowledged messages older than the visibility timeout, and only when it starts).
@@ -15,8 +15,9 @@ import threading
 from celery import signals
 
 from jobs import presence, queue
-from jobs.store import JANITOR_LOCK, RECONCILER_LOCK, JobStore, job_key
-from worker import janitor
+from jobs.store import JANITOR_LOCK, RECONCILER_LOCK, JobStore, job_key, release_holds
+from jobs.volume import Volume
+from worker import janitor, revokes
 from worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,22 @@ def enqueue(kind: str, job_id: str) -> None:
 
 
 def release_resources(store: JobStore, job: dict | None) -> None:
-    """What a job held until it ended: a fine-tune's hold on its adapter name."""
-    if job and job["kind"] == "finetune" and job.get("request"):
-        store.release_adapter_name(job["request"]["name"], job["id"])
+    """What a job held until it ended: a fine-tune's or an import's hold on its adapter name, an import's upload."""
+    release_holds(store, job, Volume(get_worker_settings().data_dir))
+
+
+@signals.task_revoked.connect
+def _on_task_revoked(request=None, terminated=False, **_):
+    """Celery dropped a revoked message (task id = job id) instead of running it: its job ends as a cancel would end
+    it, if the revoke listener (`worker.revokes`) has not ended it already. A running job is left alone: the
+    dropped message was a duplicate (the job runs here or elsewhere)."""
+    job_id = getattr(request, "id", None)
+    if not job_id:
+        return
+    try:
+        revokes.cancel_revoked(get_store(), Volume(get_worker_settings().data_dir), job_id)
+    except Exception:  # Celery's consumer must not die of it; the job stays as it was
+        log.warning("job %s: could not cancel it after its message was revoked", job_id, exc_info=True)
 
 
 @signals.worker_init.connect
@@ -66,6 +80,8 @@ def _on_worker_init(sender=None, **_):
     from worker import webhooks
 
     webhooks.start(get_store(), settings, _stop)  # delivers the webhooks of every worker's finished jobs
+    # revokes (celery control revoke, Flower) are acted on at once, even while this worker is busy with a job
+    revokes.start(sender.app, get_store, Volume(settings.data_dir), _state["node"], _stop)
     if settings.preload:
         from worker.runtime import get_pipeline
 

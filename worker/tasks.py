@@ -2,7 +2,8 @@
 
 `worker.run.run_job` owns the run (claim, events, checks, final state); these bodies turn the request into library
 calls (`jobs.requests`: the one place API fields become library arguments) and put the outputs on the data volume
-(`jobs.volume`). A fine-tune re-delivered after a worker died resumes from its last checkpoint.
+(`jobs.volume`). A fine-tune re-delivered after a worker died resumes from its last checkpoint. Adapters (a
+fine-tune's, an import's) are written under the job's folder and renamed into `adapters/{name}` with their owner.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import time
 from pathlib import Path
 
 from jobs import cost, volume
-from jobs.queue import FINETUNE_TASK, GENERATE_TASK
-from jobs.requests import FinetuneRequest, GenerateRequest
+from jobs.queue import FINETUNE_TASK, GENERATE_TASK, IMPORT_TASK
+from jobs.requests import FinetuneRequest, GenerateRequest, ImportRequest
 from minidalle import Cancelled
 from minidalle.errors import InvalidInput
 from worker.batch import Batch, run_batch
@@ -38,6 +39,11 @@ def generate(job_id: str) -> None:
 def finetune(job_id: str) -> None:
     if run_job(job_id, _finetune) == "yield":
         serve_waiting_images()
+
+
+@app.task(name=IMPORT_TASK)
+def adapter_import(job_id: str) -> None:
+    run_job(job_id, _import)
 
 
 def serve_waiting_images() -> int:
@@ -173,14 +179,63 @@ def _finetune(run: JobRun) -> dict:
             raise InvalidInput("dataset_id", message) from e
         size = result_t.resolution
         _learn_cost(run, "finetune", pipe, width=size, height=size, batch=req.batch_size * req.grad_accum)
+    _publish(run, vol, out_dir, req.name, "this job's adapter is kept until the job expires")
+    shutil.rmtree(vol.checkpoints(run.id), ignore_errors=True)  # published: nothing left to resume
+    return result
+
+
+def _publish(run: JobRun, vol: volume.Volume, out_dir: Path, name: str, kept: str) -> None:
+    """Rename a finished adapter folder into adapters/{name}, owned by the job's key; never over another."""
+    final = vol.adapter(name)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        raise InvalidInput("name", f"adapter {req.name!r} already exists; this job's adapter is kept until the job "
-                           "expires")
+        raise InvalidInput("name", f"adapter {name!r} already exists; {kept}")
     volume.write_access(out_dir, owner=run.job["owner"], visibility="private")  # published with its owner
-    marker.write_text(req.name)
+    (vol.job(run.id) / "published").write_text(name)  # "this job's adapter is (being) published"
     os.rename(out_dir, final)
-    shutil.rmtree(vol.checkpoints(run.id), ignore_errors=True)  # published: nothing left to resume
+
+
+def _import(run: JobRun) -> dict:
+    """A LoRA file made elsewhere (kohya / A1111, diffusers, peft) checked against the resident base model and
+    published as adapter `name`; a refused file is the job's error (naming `file`) and nothing is stored. The
+    upload is removed either way, before the job's final state is written (so a client that saw it end finds
+    nothing left behind; `lifecycle.release_resources` removes it too, for a job that ends without running)."""
+    vol = volume.Volume(run.settings.data_dir)
+    req = ImportRequest.model_validate(run.job["request"])
+    try:
+        return _import_upload(run, vol, req)
+    finally:
+        shutil.rmtree(vol.upload(req.upload_id), ignore_errors=True)
+
+
+def _import_upload(run: JobRun, vol: volume.Volume, req: ImportRequest) -> dict:
+    from minidalle.lora_formats import import_adapter
+
+    out_dir, final = vol.unpublished_adapter(run.id), vol.adapter(req.name)
+    result = {"adapter": volume.adapter_links(req.name)}
+    if (vol.job(run.id) / "published").is_file():  # a re-delivery after this job published (or died renaming)
+        if out_dir.is_dir() and not final.exists():
+            os.rename(out_dir, final)
+        return result
+    src = vol.upload_file(req.upload_id)
+    if not src.is_file():
+        raise InvalidInput("file", "the uploaded file is gone (its import was already run); upload it again")
+    shutil.rmtree(out_dir, ignore_errors=True)  # what a worker that died half-way through wrote
+    vol.job(run.id).mkdir(parents=True, exist_ok=True)
+    try:
+        import_adapter(src, out_dir, pipeline=get_pipeline(run.settings), name=req.name)
+    except InvalidInput as e:  # the library names our copy (lora.safetensors): say it with the client's name
+        shutil.rmtree(out_dir, ignore_errors=True)
+        message = e.message.replace(str(src), src.name).replace(src.name, req.filename or "the file")
+        raise InvalidInput(e.field, message) from e
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    try:
+        _publish(run, vol, out_dir, req.name, "upload the file again under another name")
+    except InvalidInput:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return result
 
 

@@ -35,20 +35,31 @@ def stored_bytes(volume: Volume, owner: str) -> dict[str, int]:
     return {"datasets": datasets, "adapters": adapters, "total": datasets + adapters}
 
 
+def upload_cap(settings, principal: Principal) -> int:
+    """The largest upload this key may send: the service's cap, or the key's own when it is lower."""
+    return min(settings.max_upload_bytes, principal.limits.upload_bytes or settings.max_upload_bytes)
+
+
+async def check_quota(volume: Volume, principal: Principal, settings, adding: int) -> None:
+    """429 when what the key stores (datasets + adapters) and `adding` bytes more exceed its disk quota."""
+    if principal.anonymous:
+        return
+    quota = principal.limits.disk_bytes or settings.key_disk_bytes
+    used = (await run_in_threadpool(stored_bytes, volume, principal.id))["total"]
+    if used + adding > quota:
+        raise HTTPException(429, f"file: this key stores {used} bytes of datasets and adapters; its quota is "
+                            f"{quota} (delete some to make room)", headers={"Retry-After": "3600"})
+
+
 async def ingest(upload: StarletteUpload, settings, principal: Principal) -> Extracted:
     """Validate and extract an uploaded zip into datasets/{new id}/ (off the event loop), owned by the key."""
     limits = Limits(max_members=settings.max_zip_members, max_uncompressed_bytes=settings.max_uncompressed_bytes,
                     max_image_pixels=settings.max_image_pixels, max_total_pixels=settings.max_upload_pixels)
-    cap = min(settings.max_upload_bytes, principal.limits.upload_bytes or settings.max_upload_bytes)
+    cap = upload_cap(settings, principal)
     if upload.size is not None and upload.size > cap:
         raise HTTPException(413, f"file: the upload is {upload.size} bytes; at most {cap}")
     volume = Volume(settings.data_dir)
-    if not principal.anonymous:
-        quota = principal.limits.disk_bytes or settings.key_disk_bytes
-        used = (await run_in_threadpool(stored_bytes, volume, principal.id))["total"]
-        if used + (upload.size or 0) > quota:
-            raise HTTPException(429, f"file: this key stores {used} bytes of datasets and adapters; its quota is "
-                                f"{quota} (delete some to make room)", headers={"Retry-After": "3600"})
+    await check_quota(volume, principal, settings, upload.size or 0)
     try:
         return await run_in_threadpool(extract_dataset, upload.file, volume.datasets, new_id(), limits,
                                        principal.id)

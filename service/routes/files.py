@@ -1,29 +1,54 @@
 """Files on the data volume: GET /images/…, /adapters…, /jobs/{id}/validation/… — each only to the key that may
-see the job or adapter it belongs to (`service.access`)."""
+see the job or adapter it belongs to (`service.access`); POST /adapters brings a LoRA made elsewhere in."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import shutil
 import time
+import unicodedata
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.datastructures import UploadFile
 
-from jobs.volume import ADAPTER_FILES, ADAPTER_META, adapter_links, read_access, remove_tree, write_access
+from jobs.keys import Principal
+from jobs.store import TERMINAL
+from jobs.volume import (
+    ADAPTER_FILES,
+    ADAPTER_META,
+    Volume,
+    adapter_links,
+    new_id,
+    read_access,
+    remove_tree,
+    write_access,
+)
+from minidalle.params import ADAPTER_NAME_PATTERN, check_adapter_name
 from service.access import adapter_of, job_of, readable_adapters
-from service.deps import PrincipalDep, StoreDep, VolumeDep
-from service.errors import not_found
-from service.schemas import AdapterList, AdapterSummary
+from service.admission import admit, precheck
+from service.deps import HubDep, PrincipalDep, QueueDep, SettingsDep, StoreDep, VolumeDep
+from service.errors import STORE_DOWN, conflict, invalid, not_found
+from service.lora_upload import store_upload
+from service.routes.datasets import check_quota, upload_cap
+from service.schemas import AdapterList, AdapterSummary, ImportRequest, JobAccepted
+from service.views import accepted, wait_for_end
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 MAX_INDEX = 10_000  # far above the images of one job; a longer number is simply not an image
+IMPORT_ESTIMATE_S = 5.0  # reading, converting and checking one LoRA file (an SD 1.5 one is ~100 MB) on a worker
+# the adapter keeps the LoRA three times (ours, diffusers', kohya's): what an import adds to the key's disk use
+STORED_COPIES = 3
 
 
 @router.get("/images/{job_id}/{index}.png", tags=["images"], response_class=FileResponse,
@@ -61,6 +86,125 @@ def list_adapters(volume: VolumeDep, principal: PrincipalDep):
     """The adapters this key may use: its own, those shared with every key, and (an admin key) all."""
     return {"adapters": [_summary(n, meta, access, principal) for n, meta, access in
                          readable_adapters(volume, principal)]}
+
+
+_IMPORT_FORM = {
+    "type": "object",
+    "required": ["file", "name"],
+    "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "The LoRA, a .safetensors file: kohya / A1111 (lora_unet_* keys with .alpha), "
+                                "diffusers (pytorch_lora_weights.safetensors) or peft keys. Other files (.pt, .ckpt: "
+                                "pickles) are refused unread."},
+        "name": {"type": "string", "pattern": ADAPTER_NAME_PATTERN,
+                 "description": "The adapter's name (one namespace for every key)."},
+    },
+}
+IMPORT_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _IMPORT_FORM}}}}
+
+
+@router.post("/adapters", tags=["adapters"], status_code=201, response_model=AdapterSummary,
+             openapi_extra=IMPORT_OPENAPI,
+             responses={202: {"model": JobAccepted, "description": "The import job did not end within `wait` seconds; "
+                                                                    "follow it."},
+                        409: {"description": "Adapter name taken, or being published by another job."},
+                        413: {"description": "Upload above the size cap (the service's or this key's)."},
+                        415: {"description": "Not multipart/form-data."},
+                        422: {"description": "A bad name, not a safetensors file, or a LoRA this model can't use (the "
+                                               "message names the field and the keys: LyCORIS, text encoder, shapes)."},
+                        429: {"description": "The queue is full, or this key's limits or disk quota are used up."}})
+async def import_adapter(request: Request, settings: SettingsDep, store: StoreDep, queue: QueueDep, hub: HubDep,
+                         principal: PrincipalDep, vol: VolumeDep,
+                         wait: float | None = Query(None, ge=0, description="Seconds to wait for the import before "
+                                                    "answering 202 (default: the service's longest wait).")):
+    """Import a LoRA made elsewhere: checked against the base model on a worker, then an adapter like a trained one."""
+    wait_s = settings.max_wait_s if wait is None else wait
+    if wait_s > settings.max_wait_s:
+        raise invalid("wait", f"at most {settings.max_wait_s} seconds", wait, where="query")
+    upload, name = await _import_form(request)
+    check_adapter_name(name)  # 422 naming `name`
+    if vol.adapter_taken(name):  # names are one namespace: a taken name says so, whoever holds it
+        raise conflict(f"name: adapter {name!r} already exists")
+    cap = upload_cap(settings, principal)
+    if upload.size is not None and upload.size > cap:
+        raise HTTPException(413, f"file: the upload is {upload.size} bytes; at most {cap}")
+    await check_quota(vol, principal, settings, STORED_COPIES * (upload.size or 0))
+    await precheck(hub.pool, settings, "import")
+    upload_id, filename = new_id(), _display_name(upload.filename)
+    try:  # checked (safetensors framing, torch-free) and stored, then queued; a refusal leaves nothing behind
+        await run_in_threadpool(store_upload, upload.file, vol.upload_file(upload_id), cap=cap, filename=filename)
+        req = ImportRequest(name=name, upload_id=upload_id, filename=filename)
+        job_id = await run_in_threadpool(_submit_import, req, settings, store, queue, principal, vol)
+    except BaseException:
+        shutil.rmtree(vol.upload(upload_id), ignore_errors=True)
+        raise
+    try:
+        job = await wait_for_end(hub, job_id, wait_s, principal.id) if wait_s else None
+    except STORE_DOWN:  # the job exists: say so (202), a retry would upload it again
+        log.warning("job %s: waiting for it failed; answering 202", job_id, exc_info=True)
+        job = None
+    return _import_answer(job_id, job, name, vol, principal)
+
+
+async def _import_form(request: Request) -> tuple[UploadFile, str]:
+    """The form's one `file` and its `name`; anything else is refused by name."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise HTTPException(415, "content-type: send multipart/form-data with the LoRA as 'file' and a 'name'")
+    form = await request.form(max_files=2, max_fields=8)  # a second file is refused below, by name
+    upload, name = None, None
+    for key, value in form.multi_items():
+        if key == "file" and isinstance(value, UploadFile):
+            if upload is not None:
+                raise invalid("file", "send one LoRA file, not several")
+            upload = value
+        elif key == "name" and isinstance(value, str):
+            name = value
+        else:
+            raise invalid(key, "unexpected form field; send the LoRA as 'file' and its adapter name as 'name'")
+    if upload is None:
+        raise invalid("file", "required: the LoRA .safetensors file")
+    if not name:
+        raise invalid("name", "required: the adapter's name")
+    return upload, name
+
+
+def _display_name(filename: str | None) -> str:
+    """The client's file name as messages show it: its last part, printable, short."""
+    base = PurePosixPath((filename or "").replace("\\", "/")).name
+    text = "".join(c for c in base.encode("utf-8", "replace").decode("utf-8") if unicodedata.category(c)[0] != "C")
+    return text[:100] or "the file"
+
+
+def _submit_import(req: ImportRequest, settings, store, queue, principal: Principal, vol: Volume) -> str:
+    job_id = new_id()
+    if not store.reserve_adapter_name(req.name, job_id):
+        raise conflict(f"name: adapter {req.name!r} is being published by another job")
+    try:
+        if vol.adapter_taken(req.name):  # published between the check and the hold
+            raise conflict(f"name: adapter {req.name!r} already exists")
+        return admit(store, queue, settings, principal, "import", req.model_dump(), estimate_s=IMPORT_ESTIMATE_S,
+                     job_id=job_id)
+    except BaseException:
+        store.release_adapter_name(req.name, job_id)
+        raise
+
+
+def _import_answer(job_id: str, job: dict | None, name: str, vol: Volume, principal: Principal):
+    """201 with the adapter; 202 while the job runs on; the job's own error when it refused the file."""
+    if job is None or job["state"] not in TERMINAL:
+        return JSONResponse(accepted(job_id, job["state"] if job else "queued"), status_code=202)
+    if job["state"] == "succeeded":
+        path = adapter_of(vol, principal, name)
+        return _summary(name, json.loads((path / ADAPTER_META).read_text()), read_access(path), principal)
+    if job["state"] == "cancelled":
+        raise conflict(f"job_id: the import job {job_id} was cancelled")
+    error = job["error"] or "failed"
+    field, _, message = error.partition(": ")
+    if field == "name":  # published meanwhile, by someone else
+        raise conflict(error)
+    if field == "file":
+        raise invalid("file", message)
+    raise HTTPException(500, f"the import job {job_id} failed: {error}")
 
 
 @router.get("/adapters/{name}", tags=["adapters"], responses={404: {"description": "Unknown adapter."}})

@@ -71,6 +71,17 @@ def test_interrupted_uploads_and_removals_are_cleared_after_an_hour(store, tmp_p
     assert not stale.exists() and not half_removed.exists() and in_progress.exists()
 
 
+def test_lora_uploads_no_live_import_names_go_after_an_hour(store, tmp_path):
+    uploads = tmp_path / "uploads"
+    orphan = _folder(uploads / _id(30), 2 * 3600)  # the API stopped between storing it and queuing its job
+    queued = _folder(uploads / _id(31), 2 * 3600)
+    store.create("import", {"name": "x", "upload_id": _id(31)})  # waits in a long queue: its file must stay
+    fresh = _folder(uploads / _id(32), 60)  # its job is being created right now
+    removed = janitor.sweep(store, tmp_path, job_ttl_s=TTL, dataset_ttl_s=TTL)
+    assert removed["uploads"] == [_id(30)]
+    assert not orphan.exists() and queued.exists() and fresh.exists()
+
+
 def test_one_sweep_per_interval_across_workers(store, tmp_path, monkeypatch):
     url = "redis://{host}:{port}/{db}".format(**store.r.connection_pool.connection_kwargs)
     monkeypatch.setenv("MINIDALLE_REDIS_URL", url)
