@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from jobs.volume import ID_PATTERN
+from minidalle.a1111 import split_lora_tags
 from minidalle.params import ADAPTER_NAME_PATTERN, FINETUNE, GENERATE, Finetune, Generate, Param
 
 MAX_PROMPT_CHARS = 4000  # far above any text encoder's token limit; the tokenizer's count is checked too
@@ -76,7 +77,7 @@ class GenerateRequest(_Body):
             "examples": [
                 {"prompt": "a red circle on a blue background", "negative_prompt": "blurry", "num_images": 2,
                  "num_inference_steps": 20, "guidance_scale": 7.5, "seed": 42, "scheduler": "dpmpp_2m",
-                 "adapters": [{"name": "my-style", "scale": 0.8}]}
+                 "adapters": []}
             ]
         },
     )
@@ -98,9 +99,29 @@ class GenerateRequest(_Body):
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
+        text, _ = split_lora_tags(v)  # a malformed <lora:…> tag is this field's error
+        if not text.strip():
+            raise ValueError("must not be blank" if not v.strip() else "must say more than <lora:…> tags")
         return v
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _no_lora_tags(cls, v: str | None) -> str | None:
+        if v is not None and split_lora_tags(v, field="negative_prompt")[1]:
+            raise ValueError("<lora:…> tags select adapters in the prompt; a negative prompt can't take them")
+        return v
+
+    def prompt_text(self) -> str:
+        """The prompt without its `<lora:name:weight>` tags: what the text encoder reads."""
+        return split_lora_tags(self.prompt)[0]
+
+    def prompt_adapters(self) -> list[AdapterRef]:
+        """The adapters the prompt's `<lora:name:weight>` tags select (A1111's syntax), in order."""
+        return [AdapterRef(name=name, scale=weight) for name, weight in split_lora_tags(self.prompt)[1]]
+
+    def all_adapters(self) -> list[AdapterRef]:
+        """`adapters`, then those the prompt's tags add: what the job runs with."""
+        return [*self.adapters, *self.prompt_adapters()]
 
     @field_validator("scheduler")
     @classmethod
@@ -109,11 +130,11 @@ class GenerateRequest(_Body):
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """`MiniDallePipeline.__call__` keywords (adapters as (name, scale) pairs; the caller resolves names)."""
-        out: dict[str, Any] = {"prompt": self.prompt, "negative_prompt": self.negative_prompt}
+        out: dict[str, Any] = {"prompt": self.prompt_text(), "negative_prompt": self.negative_prompt}
         for name, p in GENERATE.items():
             if p.api_name in type(self).model_fields:
                 out[name] = getattr(self, p.api_name)
-        out["adapters"] = [(a.name, a.scale) for a in self.adapters]
+        out["adapters"] = [(a.name, a.scale) for a in self.all_adapters()]
         return out
 
     def batch_key(self) -> str:
@@ -122,7 +143,7 @@ class GenerateRequest(_Body):
         and image counts stay each request's own. A size left out is not merged with the same size given."""
         shared = {"steps": self.num_inference_steps, "guidance": self.guidance_scale, "width": self.width,
                   "height": self.height, "scheduler": self.scheduler,
-                  "adapters": [[a.name, a.scale] for a in self.adapters]}
+                  "adapters": [[a.name, a.scale] for a in self.all_adapters()]}
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -175,3 +196,12 @@ def api_name(library_field: str) -> str:
     head, dot, rest = library_field.partition(".")
     p = GENERATE.get(head) or FINETUNE.get(head)
     return (p.api_name or head) + dot + rest if p is not None else library_field
+
+
+class ImportRequest(_Body):
+    """An import job (`POST /adapters`): convert the LoRA file uploaded to the data volume into adapter `name`.
+    Written by the API, never by a client: the client sends the file and the name as a form."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="Name of the adapter this job publishes.")
+    upload_id: str = Field(pattern=ID_PATTERN, description="Where the API put the file: uploads/{upload_id}/.")
+    filename: Text | None = Field(None, max_length=255, description="The uploaded file's name (for messages).")

@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from minidalle.a1111 import addnet_hash
 from minidalle.adapters import load_adapter_files
 from minidalle.devices import resolve_device, resolve_dtype
 from minidalle.embedded import default_model
@@ -291,6 +292,14 @@ class MiniDallePipeline:
                 return
             self.unload_adapter(victim)
 
+    def _lora_hash(self, name: str) -> str | None:
+        """The hash A1111 shows for the adapter's kohya file (`minidalle.a1111.addnet_hash`), if it has one."""
+        from minidalle.lora_formats import KOHYA_FILE
+
+        src = self._adapters.get(name)  # "{folder}@{mtime}"
+        kohya = Path(src.rsplit("@", 1)[0]) / KOHYA_FILE if src else None
+        return addnet_hash(kohya) if kohya is not None and kohya.is_file() else None
+
     def _activate(self, adapters: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
         """Make exactly these adapters active (others stay loaded but off)."""
         active: list[tuple[str, float]] = []
@@ -485,6 +494,7 @@ class MiniDallePipeline:
                        callback_on_step_end=on_step_end if callback else None)
         # 6. per request: its images and their metadata (what it takes to reproduce each image)
         results, first = [], 0
+        hashes = {a: h for a, _ in active if (h := self._lora_hash(a))}
         for prompts, negs, n, seeds in plans:
             meta = []
             for i in range(len(seeds)):
@@ -492,7 +502,7 @@ class MiniDallePipeline:
                 meta.append(dict(prompt=prompts[p], negative_prompt=negs[p] if negs else "", seed=seeds[i],
                                  steps=steps, guidance_scale=float(guidance), width=width, height=height,
                                  scheduler=sched_name, eta=common["eta"], adapters=[[a, s] for a, s in active],
-                                 model=self.model_id, model_hash=self.model_hash, index=i))
+                                 lora_hashes=hashes, model=self.model_id, model_hash=self.model_hash, index=i))
             results.append(GenerationOutput(images=out.images[first:first + len(seeds)], metadata=meta))
             first += len(seeds)
         return results

@@ -11,21 +11,14 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from minidalle._fs import chmod_like_new
+from minidalle.a1111 import infotext
 
 
 def format_parameters(meta: dict[str, Any]) -> str:
-    """The A1111 'parameters' text: prompt, `Negative prompt:` line, then `Key: value` pairs."""
-    lines = [meta.get("prompt", "")]
-    if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    pairs = [("Steps", meta.get("steps")), ("Sampler", meta.get("scheduler")),
-             ("CFG scale", meta.get("guidance_scale")),
-             ("Seed", meta.get("seed")), ("Size", f"{meta.get('width')}x{meta.get('height')}"),
-             ("Model", meta.get("model")), ("Model hash", meta.get("model_hash"))]
-    for name, scale in meta.get("adapters") or []:
-        pairs.append((f"Lora {name}", scale))
-    lines.append(", ".join(f"{k}: {v}" for k, v in pairs if v is not None))
-    return "\n".join(lines)
+    """The A1111 'parameters' text (`minidalle.a1111.infotext`): what A1111-style readers parse."""
+    from minidalle import __version__
+
+    return infotext(meta, version=f"minidalle {__version__}")
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, meta: dict[str, Any]) -> Path:

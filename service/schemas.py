@@ -7,9 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from jobs.requests import AdapterRef, FinetuneRequest, GenerateRequest
+from jobs.requests import AdapterRef, FinetuneRequest, GenerateRequest, ImportRequest
 
-__all__ = ["AdapterRef", "FinetuneRequest", "GenerateRequest"]  # re-exported: routes read every body from here
+# re-exported: routes read every body from here
+__all__ = ["AdapterRef", "FinetuneRequest", "GenerateRequest", "ImportRequest"]
 
 class JobAccepted(BaseModel):
     job_id: str
@@ -29,7 +30,7 @@ class Progress(BaseModel):
 
 class Job(BaseModel):
     id: str
-    kind: Literal["generate", "finetune"]
+    kind: Literal["generate", "finetune", "import"]
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     created_at: float
     started_at: float | None = None
@@ -42,7 +43,7 @@ class Job(BaseModel):
     progress: Progress | None = None
     request: dict[str, Any]
     result: dict[str, Any] | None = Field(None, description="generate: images (url, seed, metadata); "
-                                                             "finetune: adapter (name, url, download_url).")
+                                                             "finetune, import: adapter (name, url, download_url).")
     error: str | None = None
     links: dict[str, str]
 

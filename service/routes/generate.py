@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from jobs.keys import Principal
 from jobs.store import TERMINAL
+from minidalle.params import Generate
 from service.access import adapter_of
 from service.admission import admit, check_time_limit, cost_model, precheck
 from service.deps import HubDep, ModelInfoDep, PrincipalDep, QueueDep, SettingsDep, StoreDep, VolumeDep
@@ -52,6 +53,8 @@ def _submit(req: GenerateRequest, settings, store, queue, model, principal: Prin
     estimate = check_generate(req, settings, model, store)
     for i, ref in enumerate(req.adapters):
         adapter_of(volume, principal, ref.name, field=f"adapters.{i}.name")  # 404 unless this key may use it
+    for ref in req.prompt_adapters():  # <lora:name:weight> in the prompt
+        adapter_of(volume, principal, ref.name, field="prompt")
     check_webhook(req.webhook_url, settings)
     request = req.model_dump()
     if request["seed"] is None:  # chosen here so a re-delivered job makes the same images
@@ -90,13 +93,20 @@ def check_generate(req: GenerateRequest, settings, model, store) -> float:
         if name in names[:i]:
             raise invalid(f"adapters.{i}.name", f"{name!r} is listed twice; give it once, with the scale you want",
                           name)
+    tagged = [ref.name for ref in req.prompt_adapters()]
+    for name in tagged:
+        if name in names:
+            raise invalid("prompt", f"<lora:{name}> names an adapter that `adapters` lists too; give it once", name)
+    if len(names) + len(tagged) > Generate.max_adapters:
+        raise invalid("prompt", f"{len(names) + len(tagged)} adapters with the <lora:…> tags; at most "
+                      f"{Generate.max_adapters} at once", len(names) + len(tagged))
     width, height = req.width or model.default_size, req.height or model.default_size
     estimate = cost_model(store, settings, model).generate_s(
         width=width, height=height, steps=req.num_inference_steps, images=req.num_images,
         guidance_scale=req.guidance_scale)
     check_time_limit("generate", estimate, settings, "num_inference_steps",
                      "lower num_inference_steps, num_images, width or height")
-    for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+    for name, text in (("prompt", req.prompt_text()), ("negative_prompt", req.negative_prompt)):
         if text:
             n = model.count_tokens(text)
             if n > model.max_prompt_tokens:

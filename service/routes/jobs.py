@@ -12,9 +12,10 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
 from jobs.queue import revoke
+from jobs.store import release_holds
 from service.access import job_of
 from service.admission import forget_queue
-from service.deps import HubDep, PrincipalDep, QueueDep, SettingsDep, StoreDep
+from service.deps import HubDep, MaybeVolumeDep, PrincipalDep, QueueDep, SettingsDep, StoreDep
 from service.errors import conflict, not_found
 from service.schemas import CancelResult, Job, JobList
 from service.views import public_job
@@ -24,7 +25,7 @@ STREAM_ID_RE = re.compile(r"^\d+-\d+$")
 
 
 @router.get("/jobs", response_model=JobList)
-def list_jobs(store: StoreDep, principal: PrincipalDep, kind: Literal["generate", "finetune"] | None = None,
+def list_jobs(store: StoreDep, principal: PrincipalDep, kind: Literal["generate", "finetune", "import"] | None = None,
               state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
               limit: int = Query(50, ge=1, le=500)):
     """This key's jobs (an admin key: everybody's), newest first, optionally filtered by kind and state."""
@@ -40,7 +41,8 @@ def get_job(job_id: str, store: StoreDep, principal: PrincipalDep):
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=CancelResult,
              responses={404: {"description": "Unknown job."}, 409: {"description": "The job already ended."}})
-def cancel_job(job_id: str, store: StoreDep, queue: QueueDep, principal: PrincipalDep):
+def cancel_job(job_id: str, store: StoreDep, queue: QueueDep, principal: PrincipalDep,
+               volume: MaybeVolumeDep = None):
     """Cancel: a queued job never starts; a running one stops at a step boundary within about 0.1 s or a step (a
     fine-tune keeps its checkpoint)."""
     job = job_of(store, principal, job_id)
@@ -53,8 +55,7 @@ def cancel_job(job_id: str, store: StoreDep, queue: QueueDep, principal: Princip
     if outcome == "cancelled":
         revoke(queue, job_id)
         forget_queue(job["kind"])
-        if job["kind"] == "finetune":
-            store.release_adapter_name(job["request"]["name"], job_id)
+        release_holds(store, job, volume)  # a fine-tune's or an import's adapter name, an import's upload
         return {"job_id": job_id, "state": "cancelled", "detail": "cancelled before it started"}
     return {"job_id": job_id, "state": "running", "detail": "cancel requested; the worker stops shortly"}
 
