@@ -38,6 +38,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 SCHEDULER_NAMES = tuple(sorted(SCHEDULERS))
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 ADAPTER_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
+PRIORS = ("mlp", "diffusion")  # what makes the UNet's conditioning (see Generate.prior)
 MAX_SEED = 2**62  # image i is seeded with seed + i: stay far from int64's edge
 # weight dtypes by name (the CLI's --dtype, the worker's MINIDALLE_TORCH_DTYPE): short names and torch's own
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -157,6 +158,15 @@ class Generate:
     scheduler = Param(str, None, "sampler (default: the model's own)", choices=SCHEDULER_NAMES, nullable=True)
     adapter_scale = Param(float, 1.0, "LoRA strength; 0 disables, 1 is as trained", ge=-10, le=10, flag=None,
                           api="scale")
+    prior = Param(str, "mlp", "mlp: the text embedding through the MLP prior; diffusion: the diffusion prior also "
+                  "samples a CLIP image embedding from the prompt, which conditions the UNet as image tokens (a "
+                  "different one for each seed)", choices=PRIORS)
+    prior_guidance_scale = Param(float, 4.0, "classifier-free guidance of the diffusion prior; 1 turns it off",
+                                 ge=1, le=50)
+    prior_num_inference_steps = Param(int, 10, "sampling steps of the diffusion prior", ge=1, le=1000,
+                                      flag="--prior-steps")
+    ip_adapter_scale = Param(float, 1.0, "weight of the image tokens (the diffusion prior's embedding, or the image "
+                             "of a variation); 0 ignores them", ge=0, le=10)
     max_adapters = 8  # adapters active in one generation
 
 

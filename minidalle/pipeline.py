@@ -3,6 +3,11 @@
 Sampling is diffusers' own: the project encodes the prompt (text encoder, then prior; the negative prompt too) and
 hands the embeddings to `StableDiffusionPipeline` through `prompt_embeds` / `negative_prompt_embeds`. With the prior at
 identity the result is, pixel for pixel, what stock diffusers makes from the same components and seed.
+
+A model may also carry a CLIP image encoder, an IP-Adapter and a diffusion prior (`minidalle.image_conditioning`,
+`minidalle.diffusion_prior`). Then `prior="diffusion"` samples a CLIP image embedding from the prompt (one per seed)
+and an `image` (a variation) gives its own; either conditions the UNet as image tokens through diffusers' IP-Adapter
+path (`ip_adapter_image_embeds`). Without image tokens the UNet runs its plain attention processors, as stock SD.
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from minidalle.a1111 import addnet_hash
 from minidalle.adapters import load_adapter_files
 from minidalle.devices import resolve_device, resolve_dtype
+from minidalle.diffusion_prior import DiffusionPrior
 from minidalle.embedded import default_model
 from minidalle.errors import InvalidInput
+from minidalle.image_conditioning import (attach_ip_adapter, encode_images, load_image_encoder,
+                                          load_ip_adapter_state, save_image_encoder, save_ip_adapter,
+                                          ip_adapter_state)
 from minidalle.params import GENERATE, Generate, check_adapter_name
 from minidalle.prior import Prior
 from minidalle.schedulers import SCHEDULERS, make_scheduler, min_inference_steps
@@ -49,6 +58,7 @@ class MiniDallePipeline:
 
     def __init__(self, *, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prior: Prior | None,
                  unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: SchedulerMixin,
+                 image_encoder=None, feature_extractor=None, diffusion_prior: DiffusionPrior | None = None,
                  model_id: str = "custom", max_loaded_adapters: int = 8):
         if prior is None:  # absent prior = identity
             prior = Prior(in_dim=text_encoder.config.hidden_size, out_dim=unet.config.cross_attention_dim,
@@ -56,8 +66,14 @@ class MiniDallePipeline:
             prior.to(device=text_encoder.device, dtype=text_encoder.dtype)
         self.tokenizer, self.text_encoder, self.prior = tokenizer, text_encoder, prior
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
-        for m in (text_encoder, prior, unet, vae):
-            m.requires_grad_(False).eval()
+        # the image side (optional): CLIP image encoder + its preprocessing, the diffusion prior, an IP-Adapter
+        self.image_encoder, self.feature_extractor = image_encoder, feature_extractor
+        self.diffusion_prior = diffusion_prior
+        for m in (text_encoder, prior, unet, vae, image_encoder, diffusion_prior):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self._ip: tuple[Any, dict, dict] | None = None  # (image projection, IP processors, plain processors)
+        self._ip_on = False
         self.model_id = model_id
         self.max_loaded_adapters = max_loaded_adapters
         self._adapters: OrderedDict[str, str] = OrderedDict()  # name -> source folder (LRU order)
@@ -71,8 +87,12 @@ class MiniDallePipeline:
         # diffusers' own pipeline over the very same modules: it runs the denoising loop
         self._sd = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+                                           image_encoder=None, requires_safety_checker=False)
         self._sd.set_progress_bar_config(disable=True)
+        # diffusers repeats one set of image embeddings over the whole batch (every prompt, the same image); ours
+        # are one per image (each seed its own prior sample, each variation its own image), already laid out as
+        # [unconditional; conditional]: its preparation step hands them through as they are
+        self._sd.prepare_ip_adapter_image_embeds = _image_embeds_as_given
 
     # ------------------------------------------------------------------------------------------------------------
     # loading / saving
@@ -94,28 +114,50 @@ class MiniDallePipeline:
             vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **load)
             scheduler = _load_scheduler(model)
             prior = _load_prior(model, is_local, dtype)
+            image, diffusion_prior, ip_state = None, None, None
+            if is_local or _lists_image_side(model):  # a hub repo says in its model_index.json
+                image = load_image_encoder(model, torch_dtype=dtype)  # (encoder, preprocessing) or None
+                diffusion_prior = DiffusionPrior.from_pretrained(model, torch_dtype=dtype)
+                ip_state = _load_ip_state(model, is_local)
         except OSError as e:  # missing folder/files, unknown hub id, no network, no safetensors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InvalidInput("model", f"cannot load {model!r}: {first}") from e
         kwargs.setdefault("model_id", model)  # what images and adapters record; a service passes a public name
         pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, unet=unet, vae=vae,
-                   scheduler=scheduler, **kwargs)
+                   scheduler=scheduler, image_encoder=image[0] if image else None,
+                   feature_extractor=image[1] if image else None, diffusion_prior=diffusion_prior, **kwargs)
+        if ip_state is not None:
+            pipe.load_ip_adapter(ip_state)
         return pipe.to(dev)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the diffusers folder layout (stock diffusers can load it) plus `prior/`."""
         path = Path(path)
+        on = self._ip_on
+        self.set_image_tokens(False)  # the UNet is saved as it is without image tokens: stock SD's
         self._sd.save_pretrained(path, safe_serialization=True)
         self.prior.save_pretrained(path / "prior", safe_serialization=True)
         index_file = path / "model_index.json"
         index = json.loads(index_file.read_text())
         index["prior"] = ["minidalle", "Prior"]  # ignored (with a warning) by StableDiffusionPipeline
+        if self.image_encoder is not None:
+            save_image_encoder(self.image_encoder, self.feature_extractor, path)
+            index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
+        if self.diffusion_prior is not None:
+            self.diffusion_prior.save_pretrained(path)
+            index["diffusion_prior"] = ["minidalle", "DiffusionPrior"]
+        if self._ip is not None:
+            self.set_image_tokens(True)
+            save_ip_adapter(ip_adapter_state(self.unet), path)
+        self.set_image_tokens(on)
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
         return path
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MiniDallePipeline:
         kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for m in (self.text_encoder, self.prior, self.unet, self.vae):
+        for m in (self.text_encoder, self.prior, self.unet, self.vae, self.image_encoder, self.diffusion_prior):
+            if m is None:
+                continue
             if dtype is not None and m.dtype == dtype:
                 m.to(device=device) if device is not None else None  # no re-cast: avoids diffusers' cast warning
             elif kwargs:
@@ -226,6 +268,57 @@ class MiniDallePipeline:
         unet = self._compiled_unet if self._compiled_unet is not None and not lora_active else self.unet
         if self._sd.unet is not unet:
             object.__setattr__(self._sd, "unet", unet)  # not DiffusionPipeline.__setattr__: its config stays as is
+
+    # ------------------------------------------------------------------------------------------------------------
+    # image tokens (IP-Adapter)
+    @property
+    def has_ip_adapter(self) -> bool:
+        return self._ip is not None
+
+    def load_ip_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        """Put an IP-Adapter (flat `ip-adapter.safetensors` keys) on the UNet, through diffusers' own loader. It is
+        used only by requests with image tokens; the others run the UNet's plain attention processors."""
+        self.set_image_tokens(False)
+        self.select_unet(lora_active=True)  # the plain projections: fused ones would be replaced by the loader
+        plain = self.unet.attn_processors
+        attach_ip_adapter(self.unet, state)
+        self._ip = (self.unet.encoder_hid_proj, self.unet.attn_processors, plain)
+        self._ip_on = True
+        self.set_image_tokens(False)
+
+    def set_image_tokens(self, on: bool) -> None:
+        """Switch the UNet between its IP-Adapter processors (image tokens) and its plain ones, as diffusers'
+        `unload_ip_adapter` does but keeping the weights: a switch costs a few dict assignments."""
+        if self._ip is None or on == self._ip_on:
+            if on and self._ip is None:
+                raise InvalidInput("prior", "this model has no IP-Adapter (no ip_adapter/ folder): it can't take "
+                                   "image embeddings")
+            return
+        projection, ip_processors, plain = self._ip
+        self.unet.set_attn_processor(dict(ip_processors if on else plain))
+        self.unet.encoder_hid_proj = projection if on else None
+        self.unet.config.encoder_hid_dim_type = "ip_image_proj" if on else None  # what the UNet's forward reads
+        self._ip_on = on
+
+    @torch.no_grad()
+    def encode_image(self, images: list) -> torch.Tensor:
+        """CLIP image embeddings (B, P) of RGB PIL images: what a variation is made from."""
+        if self.image_encoder is None:
+            raise InvalidInput("image", "this model has no image encoder (no image_encoder/ folder): it can't make "
+                               "variations")
+        return encode_images(self.image_encoder, self.feature_extractor, images)
+
+    @torch.no_grad()
+    def sample_image_embeds(self, prompts: list[str], generators: list[torch.Generator], *,
+                            num_inference_steps: int = 10, guidance_scale: float = 4.0) -> torch.Tensor:
+        """CLIP image embeddings (B, P) sampled by the diffusion prior, one per prompt and generator."""
+        dp = self.diffusion_prior
+        if dp is None:
+            raise InvalidInput("prior", "this model has no diffusion prior (no diffusion_prior/ folder); use 'mlp'")
+        cond = dp.encode_prompt(prompts, text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        uncond = dp.encode_prompt([""], text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        return dp.sample(cond, uncond, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                         generator=generators)
 
     # ------------------------------------------------------------------------------------------------------------
     # adapters
@@ -348,7 +441,9 @@ class MiniDallePipeline:
     def check_inputs(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                      num_inference_steps: int = 25, guidance_scale: float = 7.5, height: int | None = None,
                      width: int | None = None, num_images_per_prompt: int = 1, scheduler: str | None = None,
-                     adapters: Sequence[tuple[str, float]] = (), seed: int | None = None) -> None:
+                     adapters: Sequence[tuple[str, float]] = (), seed: int | None = None, prior: str = "mlp",
+                     prior_guidance_scale: float = 4.0, prior_num_inference_steps: int = 10,
+                     ip_adapter_scale: float = 1.0, image: Any = None) -> None:
         """Reject bad input before any model work, naming the field."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -365,9 +460,12 @@ class MiniDallePipeline:
                 if n > self.max_prompt_tokens:
                     raise InvalidInput(fname, f"{n} tokens, the text encoder takes at most {self.max_prompt_tokens}")
         given = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                     width=width, num_images_per_prompt=num_images_per_prompt, seed=seed, scheduler=scheduler)
+                     width=width, num_images_per_prompt=num_images_per_prompt, seed=seed, scheduler=scheduler,
+                     prior=prior, prior_guidance_scale=prior_guidance_scale,
+                     prior_num_inference_steps=prior_num_inference_steps, ip_adapter_scale=ip_adapter_scale)
         for name, value in given.items():
             GENERATE[name].check(value)
+        self._check_image_inputs(prior, image)
         fewest = min_inference_steps(self._scheduler_for(scheduler))
         if num_inference_steps < fewest:
             raise InvalidInput("num_inference_steps", f"the {scheduler or _scheduler_name(self.scheduler)} "
@@ -383,6 +481,24 @@ class MiniDallePipeline:
             if key in seen:
                 raise InvalidInput("adapters", f"{key!r} is listed twice; give it once, with the scale you want")
             seen.add(key)
+
+    def _check_image_inputs(self, prior: str, image: Any) -> None:
+        """What image tokens need: the model's diffusion prior, image encoder and IP-Adapter, an RGB image."""
+        if prior == "diffusion" and self.diffusion_prior is None:
+            raise InvalidInput("prior", "this model has no diffusion prior (no diffusion_prior/ folder); use 'mlp'")
+        if image is not None:
+            from PIL import Image
+
+            if not isinstance(image, Image.Image) or image.mode != "RGB":
+                raise InvalidInput("image", f"must be an RGB PIL image, got {getattr(image, 'mode', type(image))!r}")
+            if prior == "diffusion":
+                raise InvalidInput("prior", "a variation takes its image embedding from its image: use 'mlp'")
+            if self.image_encoder is None:
+                raise InvalidInput("image", "this model has no image encoder (no image_encoder/ folder): it can't "
+                                   "make variations")
+        if (prior == "diffusion" or image is not None) and self._ip is None:
+            raise InvalidInput("prior" if image is None else "image", "this model has no IP-Adapter (no "
+                               "ip_adapter/ folder) to condition its UNet on an image embedding")
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None,
@@ -402,13 +518,22 @@ class MiniDallePipeline:
                  width: int | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, scheduler: str | None = None,
                  adapters: Sequence[tuple[str, float]] = (), callback: StepCallback | None = None,
-                 output_type: str = "pil", eta: float = 0.0) -> GenerationOutput:
-        """Generate images. Image i uses seed `seed + i`, so any one image can be re-made on its own."""
+                 output_type: str = "pil", eta: float = 0.0, prior: str = "mlp", prior_guidance_scale: float = 4.0,
+                 prior_num_inference_steps: int = 10, ip_adapter_scale: float = 1.0,
+                 image: Any = None) -> GenerationOutput:
+        """Generate images. Image i uses seed `seed + i`, so any one image can be re-made on its own.
+
+        `prior="diffusion"`: the diffusion prior samples a CLIP image embedding per image (from its seed), which
+        conditions the UNet as image tokens at `ip_adapter_scale`. `image` (an RGB PIL image): variations of it, its
+        CLIP image embedding as the image tokens (the prompt, often "", still conditions the text side)."""
         request = dict(prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                       seed=seed, generator=generator)
+                       seed=seed, generator=generator, image=image)
         return self.generate_many([request], callback=callback, output_type=output_type,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                  height=height, width=width, scheduler=scheduler, adapters=adapters, eta=eta)[0]
+                                  height=height, width=width, scheduler=scheduler, adapters=adapters, eta=eta,
+                                  prior=prior, prior_guidance_scale=prior_guidance_scale,
+                                  prior_num_inference_steps=prior_num_inference_steps,
+                                  ip_adapter_scale=ip_adapter_scale)[0]
 
     @torch.no_grad()
     def generate_many(self, requests: Sequence[dict[str, Any]], *, callback: StepCallback | None = None,
@@ -416,8 +541,9 @@ class MiniDallePipeline:
         """Several requests in one denoising loop (one UNet call per step for all their images).
 
         Each request is a dict of `prompt`, `negative_prompt`, `num_images_per_prompt`, `seed` (and optionally
-        `generator`): what stays its own. What the loop shares (`BATCH_SHARED`: steps, guidance, size, scheduler,
-        eta, adapters) is given once as keywords, or in the requests, where it must then agree. Every image gets
+        `generator`, `image`): what stays its own. What the loop shares (`BATCH_SHARED`: steps, guidance, size,
+        scheduler, eta, adapters, the prior and its settings) is given once as keywords, or in the requests, where
+        it must then agree. Variations (requests with an `image`) batch only with variations. Every image gets
         the same noise and embeddings it gets when its request runs alone (each request's prompts are encoded on
         their own); only the UNet's batch differs. Returns one GenerationOutput per request, in order.
         """
@@ -441,17 +567,28 @@ class MiniDallePipeline:
             self.check_inputs(r["prompt"], r.get("negative_prompt"), num_inference_steps=common["num_inference_steps"],
                               guidance_scale=common["guidance_scale"], height=common["height"],
                               width=common["width"], num_images_per_prompt=r.get("num_images_per_prompt", 1),
-                              scheduler=common["scheduler"], adapters=common["adapters"], seed=r.get("seed"))
+                              scheduler=common["scheduler"], adapters=common["adapters"], seed=r.get("seed"),
+                              prior=common["prior"], prior_guidance_scale=common["prior_guidance_scale"],
+                              prior_num_inference_steps=common["prior_num_inference_steps"],
+                              ip_adapter_scale=common["ip_adapter_scale"], image=r.get("image"))
             gen = r.get("generator")
             if isinstance(gen, torch.Generator) and not single:
                 raise InvalidInput("generator", "in a batch, give a list of generators (one per image) or a seed")
         steps, guidance, scheduler = common["num_inference_steps"], common["guidance_scale"], common["scheduler"]
         height, width = common["height"] or self.default_height, common["width"] or self.default_width
-        # 2. adapters (LoRA on the UNet + prior deltas)
+        variations = [r.get("image") is not None for r in requests]
+        if any(variations) and not all(variations):
+            raise InvalidInput("image", "variations (requests with an image) batch only with variations")
+        image_tokens = common["prior"] == "diffusion" or all(variations)
+        # 2. adapters (LoRA on the UNet + prior deltas); image tokens on or off (both run the plain projections)
         active = self._activate(common["adapters"])
-        self.select_unet(lora_active=bool(active))
+        if not image_tokens:
+            self.set_image_tokens(False)
+        self.select_unet(lora_active=bool(active) or image_tokens)
+        if image_tokens:
+            self.set_image_tokens(True)
         cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
-        embeds, negative_embeds, generators, plans = [], [], [], []
+        embeds, negative_embeds, generators, plans, image_embeds = [], [], [], [], []
         for r in requests:
             prompt, negative_prompt, n = r["prompt"], r.get("negative_prompt"), r.get("num_images_per_prompt", 1)
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -478,6 +615,14 @@ class MiniDallePipeline:
             embeds.append(pe.repeat_interleave(n, dim=0))  # what diffusers' num_images_per_prompt does
             if npe is not None:
                 negative_embeds.append(npe.repeat_interleave(n, dim=0))
+            # 4b. image embeddings: the given image's (a variation), or sampled by the diffusion prior per image
+            if image_tokens and r.get("image") is not None:
+                image_embeds.append(self.encode_image([r["image"]]).expand(n_images, -1))  # (n_images, P)
+            elif image_tokens:
+                image_embeds.append(self.sample_image_embeds(
+                    [p for p in prompts for _ in range(n)], _prior_generators(seeds, r.get("generator")),
+                    num_inference_steps=common["prior_num_inference_steps"],
+                    guidance_scale=common["prior_guidance_scale"]))  # (n_images, P)
             plans.append((prompts, negs, n, seeds))
         # 5. denoise with diffusers' loop and the chosen scheduler
         sched_name = scheduler or _scheduler_name(self.scheduler)
@@ -488,10 +633,15 @@ class MiniDallePipeline:
                 callback(i + 1, sd.num_timesteps)
             return {}
 
+        ip_embeds = None
+        if image_tokens:  # (2B | B, 1, P): the unconditional branch gets zeros, as diffusers' encode_image gives it
+            emb = torch.cat(image_embeds).to(device=self.device, dtype=self.unet.dtype)[:, None, :]
+            ip_embeds = [torch.cat([torch.zeros_like(emb), emb]) if cfg else emb]
+            self._sd.set_ip_adapter_scale(common["ip_adapter_scale"])
         out = self._sd(prompt_embeds=torch.cat(embeds), negative_prompt_embeds=torch.cat(negative_embeds) if cfg
                        else None, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                        num_images_per_prompt=1, generator=generators, eta=common["eta"], output_type=output_type,
-                       callback_on_step_end=on_step_end if callback else None)
+                       callback_on_step_end=on_step_end if callback else None, ip_adapter_image_embeds=ip_embeds)
         # 6. per request: its images and their metadata (what it takes to reproduce each image)
         results, first = [], 0
         hashes = {a: h for a, _ in active if (h := self._lora_hash(a))}
@@ -503,15 +653,39 @@ class MiniDallePipeline:
                                  steps=steps, guidance_scale=float(guidance), width=width, height=height,
                                  scheduler=sched_name, eta=common["eta"], adapters=[[a, s] for a, s in active],
                                  lora_hashes=hashes, model=self.model_id, model_hash=self.model_hash, index=i))
+                if image_tokens:
+                    meta[-1].update(prior="variation" if variations[0] else "diffusion",
+                                    ip_adapter_scale=float(common["ip_adapter_scale"]))
+                    if not variations[0]:
+                        meta[-1].update(prior_steps=common["prior_num_inference_steps"],
+                                        prior_guidance_scale=float(common["prior_guidance_scale"]))
             results.append(GenerationOutput(images=out.images[first:first + len(seeds)], metadata=meta))
             first += len(seeds)
         return results
 
 
 # What the requests of one `generate_many` batch share, and the defaults `__call__` has for them.
-BATCH_SHARED = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "adapters", "eta")
+BATCH_SHARED = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "adapters", "eta", "prior",
+                "prior_guidance_scale", "prior_num_inference_steps", "ip_adapter_scale")
 _SHARED_DEFAULTS: dict[str, Any] = dict(num_inference_steps=25, guidance_scale=7.5, height=None, width=None,
-                                        scheduler=None, adapters=(), eta=0.0)
+                                        scheduler=None, adapters=(), eta=0.0, prior="mlp", prior_guidance_scale=4.0,
+                                        prior_num_inference_steps=10, ip_adapter_scale=1.0)
+
+
+def _image_embeds_as_given(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt,
+                           do_classifier_free_guidance):
+    """`StableDiffusionPipeline.prepare_ip_adapter_image_embeds` for embeddings that are already one per image."""
+    return [e.to(device) for e in ip_adapter_image_embeds]
+
+
+def _prior_generators(seeds: list[int | None], generator: Any) -> list[torch.Generator]:
+    """One CPU generator per image for the diffusion prior, seeded like the image's noise (a fresh generator: the
+    noise drawn for the image stays what it is without the prior). A request given generators seeds from theirs."""
+    if all(s is not None for s in seeds):
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds]  # type: ignore[arg-type]
+    gens = generator if isinstance(generator, list) else [generator] * len(seeds)
+    return [torch.Generator("cpu").manual_seed(g.initial_seed() + (0 if isinstance(generator, list) else i))
+            for i, g in enumerate(gens)]
 
 
 def _norm(value: Any) -> Any:
@@ -557,6 +731,30 @@ def _load_scheduler(model: str) -> SchedulerMixin:
     if cls is None or not issubclass(cls, SchedulerMixin):
         raise InvalidInput("model", f"unknown scheduler class {config.get('_class_name')!r} in {model}/scheduler")
     return cls.from_config(config)
+
+
+def _lists_image_side(model: str) -> bool:
+    """Whether a hub repo's model_index.json names an image encoder or a diffusion prior (save_pretrained writes
+    both; a stock SD repo has `image_encoder: [null, null]`), so that a repo without them is not asked for files
+    it lacks (offline, such a question can't be told from a missing cache)."""
+    index = StableDiffusionPipeline.load_config(model)
+    return any((index.get(part) or [None])[0] for part in ("image_encoder", "diffusion_prior"))
+
+
+def _load_ip_state(model: str, is_local: bool) -> dict[str, torch.Tensor] | None:
+    """`ip_adapter/ip-adapter.safetensors` of a folder or hub repo; None when it has none."""
+    if is_local:
+        return load_ip_adapter_state(model)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors.torch import load_file
+
+    from minidalle.image_conditioning import IP_ADAPTER, IP_ADAPTER_WEIGHTS
+
+    try:
+        return load_file(hf_hub_download(model, IP_ADAPTER_WEIGHTS, subfolder=IP_ADAPTER))
+    except EntryNotFoundError:
+        return None
 
 
 def _load_prior(model: str, is_local: bool, dtype: torch.dtype) -> Prior | None:

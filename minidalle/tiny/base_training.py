@@ -7,7 +7,13 @@ only tiny, saved in the same folder layout, so `from_pretrained` loads it like a
 2. train the VAE (reconstruction MSE + a tiny KL), encode every image once to latents;
 3. train the text encoder jointly with the UNet (ε-prediction MSE, 10 % caption dropout for classifier-free
    guidance, EMA weights), then freeze it — fine-tuning later treats it like the real, frozen CLIP;
-4. save the folder (fp32 safetensors; the whole model is ~20 MB).
+4. save the folder (fp32 safetensors; the whole model is ~20 MB);
+5. the image side (`train_image_side`, also alone on an existing model: `minidalle train-base --stages image`):
+   a tiny CLIP vision tower + text projection, contrastive against the frozen text encoder
+   (`minidalle.tiny.clip_training`); the diffusion prior on (caption, CLIP image embedding) pairs
+   (`minidalle.tiny.prior_training`); the IP-Adapter head with everything else frozen
+   (`minidalle.tiny.ip_training`); saved into the same folder (`image_encoder/`, `feature_extractor/`,
+   `diffusion_prior/`, `ip_adapter/`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from minidalle.errors import InvalidInput
 from minidalle.tiny import shapes
+
+
+@dataclass
+class ImageSideConfig:
+    seed: int = 0
+    n_images: int = 20_000  # CLIP and the prior see ~190 captions: 20k images cover each ~100 times
+    clip_steps: int | None = None  # None: each stage's own default (its config class says why)
+    prior_steps: int | None = None
+    ip_steps: int | None = None
+    threads: int | None = None
 
 
 @dataclass
@@ -57,6 +73,8 @@ class BaseTrainConfig:
     checkpoint_every: int = 1000  # save the EMA weights to `out` every N steps: a usable model before the end
     minutes_budget: float | None = None  # hard wall-clock cap on the UNet stage (stops early, still saves)
     threads: int | None = None
+    # then the image side (train_image_side) on the saved base, with this config's seed and threads; None: not
+    image_side: ImageSideConfig | None = field(default_factory=ImageSideConfig)
 
     def __post_init__(self):
         positive = ("n_images", "vae_steps", "vae_batch", "unet_steps", "batch_size", "text_width", "text_layers")
@@ -223,6 +241,62 @@ def save_model(components: dict, out: Path) -> Path:
     return MiniDallePipeline(**components, prior=None, model_id="tiny-shapes").save_pretrained(out)
 
 
+def train_image_side(model_dir: Path, cfg: ImageSideConfig) -> dict:
+    """Train the image side of the model in `model_dir` (its base stays as it is) and save it there."""
+    from minidalle.diffusion_prior import new_tiny
+    from minidalle.pipeline import MiniDallePipeline
+    from minidalle.tiny.clip_training import ClipTrainConfig, image_embeddings, train_clip
+    from minidalle.tiny.prior_training import PriorTrainConfig, train_diffusion_prior
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    pipe = MiniDallePipeline.from_pretrained(model_dir, device="cpu")
+    pipe.set_image_tokens(False)
+    images, combos = shapes.make_dataset(cfg.n_images, seed=cfg.seed + 10, split="train",
+                                         resolution=pipe.default_height, progress=True)
+    captions = [c.caption for c in combos]
+    steps = lambda n: {} if n is None else {"steps": n}  # noqa: E731
+    # 5a. CLIP: the vision tower and the text projection
+    t = time.monotonic()
+    vision, processor, text_projection, clip_stats = train_clip(
+        pipe.text_encoder, pipe.tokenizer, images, captions, ClipTrainConfig(seed=cfg.seed, **steps(cfg.clip_steps)))
+    embeds = image_embeddings(vision, processor, images)  # (N, P)
+    timings["clip_s"] = time.monotonic() - t
+    # 5b. the diffusion prior on (caption, image embedding) pairs
+    t = time.monotonic()
+    distinct = sorted(set(captions))
+    index = {c: i for i, c in enumerate(distinct)}
+    prior = new_tiny(embeds.shape[1], text_projection=text_projection.weight.detach())
+    prior_stats = train_diffusion_prior(prior, pipe.text_encoder, pipe.tokenizer, distinct,
+                                        torch.tensor([index[c] for c in captions]), embeds,
+                                        PriorTrainConfig(seed=cfg.seed, **steps(cfg.prior_steps)))
+    timings["prior_s"] = time.monotonic() - t
+    # 5c. the IP-Adapter head, the UNet, VAE and text encoder frozen
+    from minidalle.tiny.ip_training import IpTrainConfig, train_ip_adapter
+
+    t = time.monotonic()
+    latents = encode_latents(pipe.vae, images) * pipe.vae.config.scaling_factor
+    ids = tokenize(pipe.tokenizer, captions)
+    empty_ids = tokenize(pipe.tokenizer, [""])[0]
+    ip_state, ip_stats = train_ip_adapter(pipe.unet, pipe.text_encoder, latents, ids, empty_ids, embeds,
+                                          IpTrainConfig(seed=cfg.seed, **steps(cfg.ip_steps)))
+    timings["ip_s"] = time.monotonic() - t
+    # 6. save: the base as it was, plus the image side
+    base = MiniDallePipeline.from_pretrained(model_dir, device="cpu")
+    full = MiniDallePipeline(**base.components, image_encoder=vision, feature_extractor=processor,
+                             diffusion_prior=prior.eval(), model_id=base.model_id)
+    full.load_ip_adapter(ip_state)
+    full.save_pretrained(model_dir)
+    timings["total_s"] = time.monotonic() - t0
+    drop = ("losses", "config")
+    return dict(out=str(model_dir), timings=timings, n_images=cfg.n_images, threads=torch.get_num_threads(),
+                clip={k: v for k, v in clip_stats.items() if k not in drop},
+                prior={k: v for k, v in prior_stats.items() if k not in drop},
+                ip={k: v for k, v in ip_stats.items() if k not in drop}, config=asdict(cfg))
+
+
 def train_base(cfg: BaseTrainConfig) -> dict:
     """Run every stage; returns timings, losses summary and the output folder."""
     if cfg.threads:
@@ -270,5 +344,14 @@ def train_base(cfg: BaseTrainConfig) -> dict:
     result = dict(out=str(cfg.out), steps=steps, timings=timings, vae_loss=float(np.mean(vae_losses[-50:])),
                   unet_loss=float(np.mean(unet_losses[-100:])), threads=torch.get_num_threads(),
                   config={k: str(v) for k, v in asdict(cfg).items()})
-    (Path(cfg.out) / "training.json").write_text(json.dumps(result, indent=2))  # provenance; loaders ignore it
+    if cfg.image_side is not None:
+        side = replace(cfg.image_side, seed=cfg.seed, threads=cfg.threads)
+        result["image_side"] = train_image_side(Path(cfg.out), side)
+        timings["total_s"] = time.monotonic() - t0
+    write_provenance(Path(cfg.out), result)
     return result
+
+
+def write_provenance(model_dir: Path, result: dict) -> None:
+    """training.json: how the folder was made (loaders ignore it)."""
+    (model_dir / "training.json").write_text(json.dumps(result, indent=2, default=str))

@@ -5,7 +5,13 @@ deterministic judge (`minidalle.tiny.judge`) read shape colour, background colou
 `judge_dataset_accuracy()` checks the judge on real dataset images and `vae_ceiling(model)` on the model's VAE
 reconstructions of them — the best any generation through that VAE could score.
 
-`minidalle eval [--model M] [--json] [--seeds 0,1,2,3] [--steps 25] [--guidance 3]` prints a table or one JSON line.
+With an image side (`minidalle.image_conditioning`, `minidalle.diffusion_prior`) the same evaluation runs with the
+diffusion prior (`prior="diffusion"`), and three more measures exist: `diversity` (how many distinct (position,
+size) outcomes the judge sees over seeds of one prompt), `evaluate_variations` (does a variation of a held-out
+dataset image keep its shape, colour and background?) and `clip_score` (the tiny CLIP's text-image similarity).
+
+`minidalle eval [--model M] [--json] [--seeds 0,1,2,3] [--steps 25] [--guidance 3] [--prior mlp|diffusion]
+[--diversity] [--variations N]` prints a table or one JSON line.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from tqdm.auto import tqdm
 
 from minidalle.errors import InvalidInput
 from minidalle.tiny import shapes
-from minidalle.tiny.judge import judge
+from minidalle.tiny.judge import judge, shape_mask
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
 DEFAULT_STEPS = 25
@@ -61,15 +67,17 @@ def _score(images, expected: Sequence[tuple[str, str, str]]) -> dict:
 
 
 def generate_grid(pipe, prompts: Sequence[str], *, seeds: Sequence[int], steps: int, guidance: float,
-                  adapters: Sequence[tuple[str, float]] = (), batch: int = 64, progress: bool = True) -> list:
-    """Images for every (seed, prompt), seed-major; image (seed, prompt) depends on nothing else."""
+                  adapters: Sequence[tuple[str, float]] = (), batch: int = 64, progress: bool = True,
+                  **prior: object) -> list:
+    """Images for every (seed, prompt), seed-major; image (seed, prompt) depends on nothing else. `prior`: the
+    pipeline's prior keywords (`prior="diffusion"`, `prior_num_inference_steps`, …)."""
     jobs = [(s, p) for s in seeds for p in prompts]
     images = []
     for i in tqdm(range(0, len(jobs), batch), desc="eval", disable=not progress, dynamic_ncols=True):
         chunk = jobs[i : i + batch]
         gens = [torch.Generator("cpu").manual_seed(s) for s, _ in chunk]
         out = pipe([p for _, p in chunk], negative_prompt=[""] * len(chunk), num_inference_steps=steps,
-                   guidance_scale=guidance, generator=gens, adapters=adapters)
+                   guidance_scale=guidance, generator=gens, adapters=adapters, **prior)
         images.extend(out.images)
     return images
 
@@ -77,8 +85,9 @@ def generate_grid(pipe, prompts: Sequence[str], *, seeds: Sequence[int], steps: 
 def evaluate(pipe_or_model_path=None, *, seeds: Sequence[int] = DEFAULT_SEEDS,
              prompts: Sequence[shapes.Combo] | None = None, steps: int = DEFAULT_STEPS,
              guidance: float = DEFAULT_GUIDANCE, adapters: Sequence[tuple[str, float]] = (),
-             progress: bool = True) -> dict:
-    """Accuracy of shape colour / background colour / shape on `prompts` (default: every held-out combination)."""
+             progress: bool = True, **prior: object) -> dict:
+    """Accuracy of shape colour / background colour / shape on `prompts` (default: every held-out combination).
+    `prior`: the pipeline's prior keywords (default: the MLP prior)."""
     if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise InvalidInput("seeds", f"must be a non-empty list of non-negative ints, got {seeds!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -89,11 +98,71 @@ def evaluate(pipe_or_model_path=None, *, seeds: Sequence[int] = DEFAULT_SEEDS,
     pipe = _load(pipe_or_model_path)
     t = time.monotonic()
     images = generate_grid(pipe, [c.caption for c in combos], seeds=seeds, steps=steps, guidance=guidance,
-                           adapters=adapters, progress=progress)
+                           adapters=adapters, progress=progress, **prior)
     expected = [(c.shape_color, c.shape, c.background_color) for _ in seeds for c in combos]
     result = _score([np.asarray(im.convert("RGB")) for im in images], expected)
     result.update(n_prompts=len(combos), seeds=list(seeds), steps=steps, guidance=guidance,
-                  seconds=round(time.monotonic() - t, 1), model=getattr(pipe, "model_id", "custom"))
+                  seconds=round(time.monotonic() - t, 1), model=getattr(pipe, "model_id", "custom"),
+                  prior=prior.get("prior", "mlp"))
+    if getattr(pipe, "diffusion_prior", None) is not None and getattr(pipe, "image_encoder", None) is not None:
+        result["clip_score"] = clip_score(pipe, images, [c.caption for _ in seeds for c in combos])
+    return result
+
+
+def outcome(image) -> tuple[int, int, int] | None:
+    """Where and how big the judge sees the shape: (row, column) of its centroid in 4-px cells and the side of its
+    area in 2-px steps; None when nothing stands out. Two images with the same outcome look alike to the judge."""
+    mask, _ = shape_mask(np.asarray(image.convert("RGB")) if hasattr(image, "convert") else image)
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    return int(ys.mean() // 4), int(xs.mean() // 4), int(round(np.sqrt(mask.sum()) / 2))
+
+
+def diversity(pipe_or_model_path=None, prompt: str = "a red circle on a blue background", *, n_seeds: int = 16,
+              steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, progress: bool = True,
+              **prior: object) -> dict:
+    """How many distinct (position, size) outcomes the judge sees over `n_seeds` seeds of one prompt."""
+    pipe = _load(pipe_or_model_path)
+    images = generate_grid(pipe, [prompt], seeds=range(n_seeds), steps=steps, guidance=guidance, progress=progress,
+                           **prior)
+    outcomes = [outcome(im) for im in images]
+    return dict(prompt=prompt, n_seeds=n_seeds, distinct_outcomes=len(set(outcomes)),
+                prior=prior.get("prior", "mlp"))
+
+
+@torch.no_grad()
+def clip_score(pipe, images: Sequence, captions: Sequence[str]) -> float:
+    """Mean cosine similarity between each image's CLIP image embedding and its caption's CLIP text embedding
+    (the model's own tiny CLIP: its image encoder, and the text encoder's pooled output through the text
+    projection the diffusion prior carries)."""
+    import torch.nn.functional as F
+
+    dp = pipe.diffusion_prior
+    sims = []
+    for i in range(0, len(images), 256):
+        img = pipe.encode_image([im.convert("RGB") for im in images[i : i + 256]])  # (B, P)
+        text = dp.encode_prompt(list(captions[i : i + 256]), text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer).text_embeds  # (B, P)
+        sims.append(F.cosine_similarity(img.float(), text.float(), dim=-1))
+    return float(torch.cat(sims).mean())
+
+
+def evaluate_variations(pipe_or_model_path=None, n: int = 64, *, seed: int = 4321, steps: int = DEFAULT_STEPS,
+                        guidance: float = DEFAULT_GUIDANCE, progress: bool = True, **kwargs: object) -> dict:
+    """Variations of `n` held-out dataset images (one each, prompt ""): how often the judge finds the input's
+    shape colour, background and shape in them."""
+    from PIL import Image
+
+    pipe = _load(pipe_or_model_path)
+    images, combos = shapes.make_dataset(n, seed=seed, split="heldout", resolution=pipe.default_height)
+    made = []
+    for i in tqdm(range(n), desc="variations", disable=not progress, dynamic_ncols=True):
+        out = pipe("", image=Image.fromarray(images[i]), seed=seed + i, num_inference_steps=steps,
+                   guidance_scale=guidance, **kwargs)
+        made.append(np.asarray(out.images[0].convert("RGB")))
+    result = _score(made, [(c.shape_color, c.shape, c.background_color) for c in combos])
+    result.update(n_images=n, steps=steps, guidance=guidance)
     return result
 
 

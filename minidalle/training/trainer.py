@@ -99,6 +99,7 @@ class Trainer:
         pipe.unet.enable_lora()
         pipe.unet.set_adapters([TRAIN_ADAPTER])
         pipe.prior.set_active([])  # adapters a served request left active must not shape this training
+        pipe.set_image_tokens(False)  # the LoRA trains on the text-conditioned UNet (no IP-Adapter processors)
         pipe.select_unet(lora_active=True)  # the separate to_q/to_k/to_v the LoRA sits on (not a fused fast path)
         self.lora_params = [p for n, p in pipe.unet.named_parameters() if f".{TRAIN_ADAPTER}." in n]
         for p in pipe.unet.parameters():
@@ -292,7 +293,11 @@ class Trainer:
         meta = dict(base_model=self.pipe.model_id, base_model_hash=self.pipe.model_hash,
                     training=training, steps=self.step, dataset_hash=self.data_hash,
                     num_images=len(self.examples), final_loss=loss, resolution=self.resolution,
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    # which prior each generation path uses with this adapter: its own MLP (trained here) or the
+                    # base model's, and the base model's diffusion prior + IP-Adapter (not trained by a fine-tune)
+                    priors=dict(mlp="adapter" if self.prior_mlp is not None else "base",
+                                diffusion="base" if self.pipe.diffusion_prior is not None else None))
         prior = {k: v.detach().float().cpu() for k, v in self.prior_mlp.state_dict().items()} \
             if self.prior_mlp is not None else None
         return save_adapter(out_dir, lora=self._lora_state(), prior=prior, settings=cfg.lora, meta=meta)

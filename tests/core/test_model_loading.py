@@ -50,6 +50,29 @@ def test_hub_id_loads_through_the_same_code(tmp_path, with_prior):
     assert "OK True" in proc.stdout
 
 
+def test_a_hub_repo_with_an_image_side_loads_it(tmp_path):
+    """The image encoder, IP-Adapter and diffusion prior come from a hub repo too (offline, from its cache)."""
+    from _support.image_model import build_image_model
+
+    folder = build_image_model(tmp_path / "model")
+    fake_hub_cache(tmp_path / "hub", "someone/tiny-image", folder)
+    code = (
+        "import numpy as np\n"
+        "from minidalle import MiniDallePipeline\n"
+        "a = MiniDallePipeline.from_pretrained('someone/tiny-image')\n"
+        f"b = MiniDallePipeline.from_pretrained({str(folder)!r})\n"
+        "assert a.diffusion_prior is not None and a.image_encoder is not None and a.has_ip_adapter\n"
+        "kw = dict(num_inference_steps=3, seed=5, prior='diffusion', prior_num_inference_steps=2)\n"
+        "ia, ib = a('a red circle', **kw).images[0], b('a red circle', **kw).images[0]\n"
+        "assert np.array_equal(np.asarray(ia), np.asarray(ib))\n"
+        "print('OK')\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OK" in proc.stdout
+
+
 def test_unknown_hub_id_fails_clearly(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
     code = "from minidalle import MiniDallePipeline\nMiniDallePipeline.from_pretrained('nobody/nothing')\n"

@@ -8,13 +8,13 @@ import torch
 
 from minidalle.cli.tiny import train_base_main
 from minidalle.pipeline import MiniDallePipeline
-from minidalle.tiny.base_training import BaseTrainConfig, train_base
+from minidalle.tiny.base_training import BaseTrainConfig, ImageSideConfig, train_base
 from minidalle.tiny.evaluate import evaluate
 from minidalle.tiny.shapes import heldout_combos
 
 TINY = dict(n_images=64, vae_steps=2, vae_batch=8, unet_steps=3, batch_size=8, warmup_steps=1,
             vae_channels=(16, 16, 16), unet_channels=(32, 32), text_width=32, text_layers=1,
-            checkpoint_every=2)
+            checkpoint_every=2, image_side=ImageSideConfig(n_images=64, clip_steps=2, prior_steps=2, ip_steps=2))
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,15 @@ def test_writes_sd15_layout_that_loads(trained):
     # the evaluation runs end to end on it (scores are near zero for 3 training steps; only the shape is checked)
     r = evaluate(pipe, seeds=(0,), prompts=list(heldout_combos())[:2], steps=2, progress=False)
     assert r["n_images"] == 2 and 0.0 <= r["shape_accuracy"] <= 1.0
+    # the image side: CLIP vision tower, diffusion prior, IP-Adapter, each where its loader looks
+    for part in ("image_encoder/config.json", "diffusion_prior/config.json", "ip_adapter/ip-adapter.safetensors"):
+        assert (out / part).is_file(), part
+    assert pipe.diffusion_prior is not None and pipe.has_ip_adapter
+    side = json.loads((out / "training.json").read_text())["image_side"]
+    assert side["clip"]["steps"] == side["prior"]["steps"] == side["ip"]["steps"] == 2
+    r = evaluate(pipe, seeds=(0,), prompts=list(heldout_combos())[:2], steps=2, progress=False, prior="diffusion",
+                 prior_num_inference_steps=2)
+    assert r["prior"] == "diffusion" and -1.0 <= r["clip_score"] <= 1.0
 
 
 def test_training_is_seeded(trained, tmp_path):
@@ -49,7 +58,11 @@ def test_training_is_seeded(trained, tmp_path):
     train_base(BaseTrainConfig(out=again, seed=5, **TINY))
     a = MiniDallePipeline.from_pretrained(out, device="cpu")
     b = MiniDallePipeline.from_pretrained(again, device="cpu")
-    for m1, m2 in ((a.unet, b.unet), (a.vae, b.vae), (a.text_encoder, b.text_encoder)):
+    pairs = ((a.unet, b.unet), (a.vae, b.vae), (a.text_encoder, b.text_encoder), (a.image_encoder, b.image_encoder),
+             (a.diffusion_prior, b.diffusion_prior))
+    a.set_image_tokens(True)
+    b.set_image_tokens(True)
+    for m1, m2 in pairs:
         sd1, sd2 = m1.state_dict(), m2.state_dict()
         assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     assert not np.isclose(a.vae.config.scaling_factor, 1.0)
