@@ -14,6 +14,7 @@ import json
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from jobs.volume import ID_PATTERN
 from minidalle.a1111 import split_lora_tags
@@ -93,8 +94,17 @@ class GenerateRequest(_Body):
     height: int | None = field(Generate.height, strict=True)
     scheduler: Text | None = field(Generate.scheduler)
     adapters: list[AdapterRef] = Field(default_factory=list, max_length=Generate.max_adapters)
+    prior: Text = field(Generate.prior)
+    prior_guidance_scale: float = field(Generate.prior_guidance_scale, strict=True)
+    prior_num_inference_steps: int = field(Generate.prior_num_inference_steps, strict=True)
+    ip_adapter_scale: float = field(Generate.ip_adapter_scale, strict=True)
     webhook_url: Text | None = _webhook_url()
     webhook_progress: bool = _webhook_progress()
+
+    @field_validator("prior")
+    @classmethod
+    def _known_prior(cls, v: str) -> str:
+        return _choice(Generate.prior, v) or v
 
     @field_validator("prompt")
     @classmethod
@@ -110,6 +120,8 @@ class GenerateRequest(_Body):
         if v is not None and split_lora_tags(v, field="negative_prompt")[1]:
             raise ValueError("<lora:…> tags select adapters in the prompt; a negative prompt can't take them")
         return v
+
+    image_id: SkipJsonSchema[None] = None  # a variation's image (VariationRequest); never in a POST /generate body
 
     def prompt_text(self) -> str:
         """The prompt without its `<lora:name:weight>` tags: what the text encoder reads."""
@@ -139,12 +151,44 @@ class GenerateRequest(_Body):
 
     def batch_key(self) -> str:
         """Requests with equal keys can share one denoising loop (`MiniDallePipeline.generate_many`): the same
-        steps, guidance, size, scheduler and adapters with their scales, in order. Prompts, negative prompts, seeds
-        and image counts stay each request's own. A size left out is not merged with the same size given."""
+        steps, guidance, size, scheduler, adapters with their scales (in order) and prior settings; variations
+        only with variations. Prompts, negative prompts, seeds, image counts and a variation's image stay each
+        request's own. A size left out is not merged with the same size given."""
         shared = {"steps": self.num_inference_steps, "guidance": self.guidance_scale, "width": self.width,
                   "height": self.height, "scheduler": self.scheduler,
-                  "adapters": [[a.name, a.scale] for a in self.all_adapters()]}
+                  "adapters": [[a.name, a.scale] for a in self.all_adapters()], "prior": self.prior,
+                  "prior_guidance": self.prior_guidance_scale, "prior_steps": self.prior_num_inference_steps,
+                  "ip_scale": self.ip_adapter_scale, "variation": self.image_id is not None}
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class VariationRequest(GenerateRequest):
+    """A `POST /variations` job: images like an uploaded image (its CLIP image embedding as the UNet's image tokens),
+    with an optional prompt. Written by the API from the form; a generate job like any other (queue, caps, batching
+    with other variations of the same settings)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: Text = Field("", max_length=MAX_PROMPT_CHARS, description="Optional text to steer the variations.")
+    image_id: str = Field(pattern=ID_PATTERN, description="Where the API put the image: uploads/{image_id}/.")  # type: ignore[assignment]
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        split_lora_tags(v)  # a malformed <lora:…> tag is this field's error; a blank prompt is fine
+        return v
+
+    @field_validator("prior")
+    @classmethod
+    def _known_prior(cls, v: str) -> str:
+        if v != "mlp":
+            raise ValueError("a variation's image embedding is its image's: leave prior as 'mlp'")
+        return v
+
+
+def generate_request(data: dict[str, Any]) -> GenerateRequest:
+    """A stored generate job's request: a variation when it names an image."""
+    return (VariationRequest if data.get("image_id") else GenerateRequest).model_validate(data)
 
 
 class FinetuneRequest(_Body):

@@ -7,6 +7,7 @@
     jobs/{job_id}/validation/     a fine-tune's validation images, {tag}/{i}.png
     jobs/{job_id}/adapter/        a fine-tune's (or an import's) adapter before it is renamed into adapters/{name}
     uploads/{upload_id}/lora.safetensors   a LoRA file uploaded to POST /adapters, until its import job ends
+    uploads/{upload_id}/image.png          the image of a POST /variations job (decoded, re-encoded), while it runs
 
 Ids (jobs, datasets, uploads) are 32 lowercase hex digits; adapter names follow `minidalle.params.ADAPTER_NAME_PATTERN`.
 A path is only built from a valid id or name, so nothing a client sends can point outside its folder.
@@ -32,6 +33,7 @@ ADAPTER_ACCESS = "access.json"  # {"owner": key id, "visibility": "private" | "p
 VISIBILITIES = ("private", "public")
 ADAPTER_FILES = ("adapter.safetensors", "pytorch_lora_weights.safetensors", ADAPTER_META)
 UPLOAD_LORA = "lora.safetensors"
+UPLOAD_IMAGE = "image.png"
 VALIDATION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.png$")
 
 __all__ = ["ADAPTER_NAME_PATTERN", "Volume", "adapter_url", "image_url", "is_adapter_name", "is_id", "new_id"]
@@ -99,6 +101,9 @@ class Volume:
 
     def upload_file(self, upload_id: str) -> Path:
         return self.upload(upload_id) / UPLOAD_LORA
+
+    def upload_image(self, upload_id: str) -> Path:
+        return self.upload(upload_id) / UPLOAD_IMAGE
 
     def dataset(self, dataset_id: str) -> Path:
         return self.datasets / _checked(dataset_id, is_id, "dataset_id")

@@ -80,22 +80,33 @@ def _scan_kohya(root: Path) -> list[Example]:
     return examples
 
 
-def _check_image(path: Path, max_file_bytes: int, max_pixels: int) -> None:
+def _check_image(path: Path, max_file_bytes: int, max_pixels: int, field: str = "dataset_dir") -> None:
+    if not path.is_file():
+        raise InvalidInput(field, f"{path} is not a file")
     size = path.stat().st_size
     if size > max_file_bytes:
-        raise InvalidInput("dataset_dir", f"{path.name}: {size} bytes, above the {max_file_bytes}-byte limit")
+        raise InvalidInput(field, f"{path.name}: {size} bytes, above the {max_file_bytes}-byte limit")
     try:
         with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise InvalidInput("dataset_dir", f"{path.name}: {w}x{h} pixels, above the {max_pixels}-pixel limit")
+                raise InvalidInput(field, f"{path.name}: {w}x{h} pixels, above the {max_pixels}-pixel limit")
             im.verify()
         with Image.open(path) as im:
             im.load()  # verify() misses truncated pixel data
     except ValueError:
         raise
     except Exception as e:  # PIL raises many types for broken files
-        raise InvalidInput("dataset_dir", f"{path.name}: not a readable image ({type(e).__name__}: {e})") from e
+        raise InvalidInput(field, f"{path.name}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def read_image(path: str | os.PathLike, *, field: str = "image", max_file_bytes: int = MAX_FILE_BYTES,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """One image file, checked as a dataset's images are (size, pixels, a whole decode), as an RGB PIL image."""
+    path = Path(path)
+    _check_image(path, max_file_bytes, max_pixels, field)
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
 
 
 def dataset_hash(examples: list[Example]) -> str:

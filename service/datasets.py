@@ -116,7 +116,7 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budge
     return written
 
 
-def _check_image(path: Path, name: str, max_pixels: int, budget: int) -> int:
+def check_image(path: Path, name: str, max_pixels: int, budget: int) -> int:
     """The image's pixel count; raises unless it is a whole image of an accepted format and size."""
     try:
         with warnings.catch_warnings():
@@ -216,7 +216,7 @@ def _extract(zf: zipfile.ZipFile, tmp: Path, dataset_id: str, limits: Limits) ->
     for info, rel, kind in members:
         if kind == "image":
             # the size is in the header: check the budget before decoding the next one
-            pixels += _check_image(tmp.joinpath(*rel.parts), info.filename, limits.max_image_pixels,
+            pixels += check_image(tmp.joinpath(*rel.parts), info.filename, limits.max_image_pixels,
                                    limits.max_total_pixels - pixels)
     # 3. captions, by the same rules as minidalle.data.scan_dataset
     metadata = [rel for _, rel, kind in members if kind == "metadata"]

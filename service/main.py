@@ -26,7 +26,7 @@ from service.events import EventHub, short_command_client
 from service.middleware import BodySizeLimit, JsonOnly, RequestMetrics
 from service.model_info import get_model_info
 from service.openapi import install as install_openapi
-from service.routes import a1111, account, datasets, files, finetune, generate, health, jobs, page
+from service.routes import a1111, account, datasets, files, finetune, generate, health, jobs, page, variations
 from service.settings import ApiSettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ Every job is asynchronous: `POST /generate` or `POST /finetune` answers `202` wi
 `GET /jobs/{id}/events` (Server-Sent Events) or poll `GET /jobs/{id}`. `POST /generate?wait=30` answers with the
 finished job when it ends within 30 s.
 """
-UPLOAD_PATHS = ("/datasets", "/finetune", "/adapters")
+UPLOAD_PATHS = ("/datasets", "/finetune", "/adapters", "/variations")
 JSON_BODY_LIMIT = 1 << 20  # a generate request is a few hundred bytes
 
 
@@ -87,7 +87,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.submit_slots = asyncio.Semaphore(2)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(health.QueueCollector(app.state.store))
-    for module in (generate, finetune, datasets, jobs, files, account, health, a1111, page):
+    for module in (generate, variations, finetune, datasets, jobs, files, account, health, a1111, page):
         app.include_router(module.router)
     install_openapi(app)  # every error answer with its body, every file answer binary
     for exc in STORE_DOWN:

@@ -43,6 +43,10 @@ class ModelInfo:
         # the encoder adds start and end tokens to what the prompt uses
         self.max_prompt_tokens = int(self.tokenizer.model_max_length) - 2
         self.scheduler_config = _config(model, "scheduler/scheduler_config.json")
+        # the image side (a folder says; a hub repo is not asked: the worker is the judge there)
+        self.has_diffusion_prior = _has(model, "diffusion_prior/config.json")
+        self.has_image_encoder = _has(model, "image_encoder/config.json")
+        self.has_ip_adapter = _has(model, "ip_adapter/ip-adapter.safetensors")
 
     def min_steps(self, scheduler: str | None) -> int:
         """Fewest denoising steps `scheduler` (None: the model's own) runs with on this model."""
@@ -50,6 +54,10 @@ class ModelInfo:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _has(model: str, filename: str) -> bool:
+    return (Path(model) / filename).is_file() if os.path.isdir(model) else True
 
 
 @lru_cache(maxsize=4)

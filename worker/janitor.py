@@ -8,8 +8,9 @@ workers (a Redis lock).
     datasets/{id}/      removed when unused for `dataset_ttl_s` (uploaded, or last trained on, that long ago) and no
                         queued or running fine-tune names it; `dataset_ttl_s = 0` keeps datasets forever
     datasets/.incoming-*, .deleting-*    leftovers of an upload or a removal that was interrupted: after an hour
-    uploads/{id}/       a LoRA file for an import job: its job removes it when it ends; one no queued or running
-                        import names (the API stopped before it queued the job, a lost record) goes after an hour
+    uploads/{id}/       a LoRA file for an import job (its job removes it when it ends) or a variation's image:
+                        one no queued or running job names (ended, the API stopped before it queued the job, a lost
+                        record) goes after an hour
 
 Adapters are never removed here (only `DELETE /adapters/{name}` does). A folder is first renamed to `.deleting-…`
 and then deleted, so a half-removed folder is never served as a job's or a dataset's.
@@ -102,7 +103,7 @@ def sweep(store: JobStore, data_dir: Path, *, job_ttl_s: float, dataset_ttl_s: f
     each(vol.datasets, leftover)
     each(vol.uploads, leftover)
     each(vol.jobs, job)
-    uploads = named_by_live_jobs(store, "import", "upload_id")
+    uploads = named_by_live_jobs(store, "import", "upload_id") | named_by_live_jobs(store, "generate", "image_id")
     each(vol.uploads, upload)
     if dataset_ttl_s > 0:
         in_use = datasets_in_use(store)

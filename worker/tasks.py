@@ -18,7 +18,7 @@ from pathlib import Path
 
 from jobs import cost, volume
 from jobs.queue import FINETUNE_TASK, GENERATE_TASK, IMPORT_TASK
-from jobs.requests import FinetuneRequest, GenerateRequest, ImportRequest
+from jobs.requests import FinetuneRequest, ImportRequest, generate_request
 from minidalle import Cancelled
 from minidalle.errors import InvalidInput
 from worker.batch import Batch, run_batch
@@ -68,20 +68,33 @@ def _generate(batch: Batch) -> None:
     """The delivered job, with the compatible ones that wait (worker.batch), in one `generate_many` call."""
     settings, vol = batch.settings, volume.Volume(batch.settings.data_dir)
     pipe = get_pipeline(settings)
-    first = GenerateRequest.model_validate(batch.runs[0].job["request"])
+    first = generate_request(batch.runs[0].job["request"])
     batch.gather(max_batch_images(pipe, settings, first.width or pipe.default_width,
                                   first.height or pipe.default_height))
     members = []
     for run in list(batch.runs):  # a job whose input is bad fails alone, before any model work
         try:
-            kwargs = GenerateRequest.model_validate(run.job["request"]).pipeline_kwargs()
+            req = generate_request(run.job["request"])
+            kwargs = req.pipeline_kwargs()
             kwargs["adapters"] = [(activate_adapter(pipe, vol, name), scale) for name, scale in kwargs["adapters"]]
+            if req.image_id is not None:  # a variation: its image, as the API re-encoded it
+                kwargs["image"] = _variation_image(vol, req.image_id)
             pipe.check_inputs(**kwargs)
         except Exception as e:  # noqa: BLE001 - this job's final state (conclude logs the unexpected)
             batch.drop(run, e)
             continue
         members.append((run, kwargs))
     _run_together(batch, pipe, vol, members)
+
+
+def _variation_image(vol: volume.Volume, image_id: str):
+    from PIL import Image
+
+    path = vol.upload_image(image_id)
+    if not path.is_file():
+        raise InvalidInput("file", "the uploaded image is gone (the job outlived it); send it again")
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 def _run_together(batch: Batch, pipe, vol: volume.Volume, members: list[tuple[JobRun, dict]]) -> None:

@@ -22,7 +22,7 @@ FLAG_FOR_FIELD = {
     **flags_of(GENERATE), **flags_of(FINETUNE),
     "negative_prompt": "--negative-prompt", "adapters": "--adapter", "adapter": "--adapter", "model": "--model",
     "torch_dtype": "--dtype", "device": "--device", "dataset_dir": "DATASET_DIR", "output_dir": "--out",
-    "file": "FILE_OR_DIR",
+    "file": "FILE_OR_DIR", "image": "IMAGE",
 }
 
 SUBCOMMANDS = {  # subcommand -> (module, function, help); the function parses its own arguments
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.set_defaults(command=None)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub, commands.cmd_generate)
+    _add_generate(sub, commands.cmd_vary, vary=True)
     _add_finetune(sub, commands.cmd_finetune)
     p = sub.add_parser("info", help="versions, device, default model, where things are stored")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -88,13 +89,18 @@ def _add_model_args(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
                        help="weights precision (default: fp16 on cuda, fp32 on cpu)")
 
 
-def _add_generate(sub, func) -> None:
-    p = sub.add_parser("generate", help="generate images from a prompt")
-    p.add_argument("prompt", metavar="PROMPT")
+def _add_generate(sub, func, *, vary: bool = False) -> None:
+    if vary:
+        p = sub.add_parser("vary", help="variations of an image (its CLIP image embedding conditions the UNet)")
+        p.add_argument("image", metavar="IMAGE", type=Path, help="PNG, JPEG, WEBP or BMP file")
+        p.add_argument("--prompt", default="", help="optional text to steer the variations")
+    else:
+        p = sub.add_parser("generate", help="generate images from a prompt")
+        p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the PNGs (created)")
     p.add_argument("--negative-prompt", default=None)
     for param in GENERATE.values():
-        if param.cli_flag:
+        if param.cli_flag and not (vary and param.name.startswith("prior")):  # a variation's embedding is its image's
             add_param(p, param, default=param.default)
     p.add_argument("--adapter", action="append", default=[], type=_adapter_arg, metavar="PATH[:SCALE]",
                    help="adapter folder, optionally with a scale (default 1.0); repeatable")

@@ -20,6 +20,19 @@ from minidalle.params import FINETUNE
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    return _generate(args, prior=dict(prior=args.prior, prior_guidance_scale=args.prior_guidance_scale,
+                                      prior_num_inference_steps=args.prior_num_inference_steps))
+
+
+def cmd_vary(args: argparse.Namespace) -> int:
+    """Variations of IMAGE: decoded with the same checks as a dataset's images, then as `generate` with `image`."""
+    from minidalle.data import read_image
+
+    image = read_image(args.image, field="image")
+    return _generate(args, image=image)
+
+
+def _generate(args: argparse.Namespace, *, prior: dict | None = None, image=None) -> int:
     for path, _ in args.adapter:  # before loading the model: fail fast
         if not path.is_dir():
             raise InvalidInput("adapter", f"{path} is not a folder")
@@ -27,7 +40,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     active = _load_adapters(pipe, args.adapter)
     kwargs = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                   height=args.height, width=args.width, num_images_per_prompt=args.num_images_per_prompt,
-                  scheduler=args.scheduler, adapters=active)
+                  scheduler=args.scheduler, adapters=active, ip_adapter_scale=args.ip_adapter_scale, image=image,
+                  **(prior or {}))
     pipe.check_inputs(args.prompt, args.negative_prompt, seed=args.seed, **kwargs)
     seed = args.seed if args.seed is not None else _random_seed()
     from tqdm.auto import tqdm

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 from minidalle.cli.parsing import Parser, float_in, int_in
+from minidalle.errors import InvalidInput
+from minidalle.params import PRIORS, Generate
 
 
 def shapes_main(argv: list[str] | None = None) -> int:
@@ -64,12 +66,28 @@ def eval_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=_parse_seeds, default=ev.DEFAULT_SEEDS, help="comma-separated, e.g. 0,1,2,3")
     ap.add_argument("--steps", type=int_in(1, 1000), default=ev.DEFAULT_STEPS)
     ap.add_argument("--guidance", type=float_in(0, 50), default=ev.DEFAULT_GUIDANCE)
+    ap.add_argument("--prior", choices=PRIORS, default="mlp", help="the prior that makes the conditioning")
+    ap.add_argument("--prior-steps", type=int_in(1, 1000), default=Generate.prior_num_inference_steps.default)
+    ap.add_argument("--prior-guidance", type=float_in(1, 50), default=Generate.prior_guidance_scale.default)
+    ap.add_argument("--diversity", action="store_true", help="also count distinct (position, size) outcomes over "
+                    "16 seeds of one prompt")
+    ap.add_argument("--variations", type=int_in(0, 10_000), default=0, metavar="N",
+                    help="also judge variations of N held-out dataset images")
     args = ap.parse_args(argv)
     pipe = ev._load(args.model)
-    result = ev.evaluate(pipe, seeds=args.seeds, steps=args.steps, guidance=args.guidance, adapters=args.adapter,
-                         progress=not args.json)
+    prior = dict(prior=args.prior)
+    if args.prior == "diffusion":
+        prior.update(prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
+    kw = dict(steps=args.steps, guidance=args.guidance, progress=not args.json)
+    result = ev.evaluate(pipe, seeds=args.seeds, adapters=args.adapter, **kw, **prior)
     if args.adapter:
         result["adapters"] = [list(a) for a in args.adapter]
+    tables = {"generated (held-out)": result}
+    if args.diversity:
+        result["diversity"] = ev.diversity(pipe, **kw, **prior)
+    if args.variations:
+        result["variations"] = tables["variations (held-out images)"] = ev.evaluate_variations(
+            pipe, args.variations, **kw)
     judge_real = ev.judge_dataset_accuracy()
     ceiling = ev.vae_ceiling(pipe)
     if args.json:
@@ -77,9 +95,14 @@ def eval_main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, sort_keys=True))
     else:
         print(f"model {result['model']}: {result['n_prompts']} held-out prompts x {len(args.seeds)} seeds, "
-              f"{args.steps} steps, guidance {args.guidance} ({result['seconds']} s)")
-        print(ev.format_table({"generated (held-out)": result, "VAE reconstructions": ceiling,
-                               "real images": judge_real}))
+              f"{args.steps} steps, guidance {args.guidance}, prior {args.prior} ({result['seconds']} s)")
+        print(ev.format_table({**tables, "VAE reconstructions": ceiling, "real images": judge_real}))
+        if "clip_score" in result:
+            print(f"CLIP score (tiny CLIP, text-image cosine): {result['clip_score']:.3f}")
+        if args.diversity:
+            d = result["diversity"]
+            print(f"diversity: {d['distinct_outcomes']} distinct (position, size) outcomes over {d['n_seeds']} seeds "
+                  f"of {d['prompt']!r}")
     return 0
 
 
@@ -100,10 +123,27 @@ def train_base_main(argv: list[str] | None = None) -> int:
                     help="wall-clock cap on the UNet stage; stops early (not reproducible) when hit")
     ap.add_argument("--threads", type=int_in(1, 1024), default=None,
                     help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--stages", choices=["all", "base", "image"], default="all",
+                    help="all: the base then the image side; base: VAE, text encoder and UNet only; image: the "
+                    "image side (CLIP vision tower, diffusion prior, IP-Adapter) added to the model already in --out")
     args = ap.parse_args(argv)
+    if args.stages == "image":
+        from minidalle.tiny.base_training import ImageSideConfig, train_image_side, write_provenance
+
+        if not (args.out / "model_index.json").is_file():
+            raise InvalidInput("out", f"{args.out} holds no model to add the image side to")
+        side = train_image_side(args.out, ImageSideConfig(seed=args.seed, threads=args.threads))
+        known = args.out / "training.json"
+        write_provenance(args.out, {**(json.loads(known.read_text()) if known.is_file() else {}), "image_side": side})
+        t = side["timings"]
+        print(f"train-base --stages image: {side['out']}  clip {t['clip_s']:.0f}s  prior {t['prior_s']:.0f}s  "
+              f"ip-adapter {t['ip_s']:.0f}s  total {t['total_s'] / 60:.1f} min")
+        return 0
     cfg = BaseTrainConfig(out=args.out, seed=args.seed, unet_steps=args.steps, vae_steps=args.vae_steps,
                           n_images=args.images, batch_size=args.batch_size, minutes_budget=args.minutes_budget,
                           threads=args.threads)
+    if args.stages == "base":
+        cfg.image_side = None
     result = train_base(cfg)
     t = result["timings"]
     print(f"train-base: {result['out']}  data {t['data_s']:.0f}s  vae {t['vae_s']:.0f}s  "

@@ -38,6 +38,11 @@ async def generate(request: Request, req: GenerateRequest, settings: SettingsDep
     async with request.app.state.submit_slots:  # a few at a time: a flood queues here, not in 40 busy threads
         # tokenizer and blocking I/O: a thread
         job_id = await run_in_threadpool(_submit, req, settings, store, queue, model, principal, volume)
+    return await answer(hub, job_id, wait, principal)
+
+
+async def answer(hub, job_id: str, wait: float, principal: Principal):
+    """202 with the job's links, or 200 with the finished job when it ends within `wait` seconds."""
     # the wait holds no thread: a thousand waiting clients must not starve the threadpool the other routes use
     try:
         job = await wait_for_end(hub, job_id, wait, principal.id) if wait else None
@@ -88,6 +93,9 @@ def check_generate(req: GenerateRequest, settings, model, store) -> float:
     if req.num_inference_steps < (fewest := model.min_steps(req.scheduler)):
         raise invalid("num_inference_steps", f"the {req.scheduler or 'default'} scheduler of this model needs at "
                       f"least {fewest}", req.num_inference_steps)
+    if req.prior == "diffusion" and not (model.has_diffusion_prior and model.has_ip_adapter):
+        raise invalid("prior", "this model has no diffusion prior (diffusion_prior/ and ip_adapter/); use 'mlp'",
+                      req.prior)
     names = [ref.name for ref in req.adapters]
     for i, name in enumerate(names):
         if name in names[:i]:

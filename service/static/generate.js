@@ -1,10 +1,14 @@
 // Generate: the form (every field of POST /generate, adapters from GET /adapters with scales), a live card per
 // job (progress over Server-Sent Events, images as they arrive), and the gallery with "use these settings again".
-import { ApiError, followEvents, getJson, sendJson } from "./api.js";
+import { ApiError, followEvents, getJson, postForm, sendJson } from "./api.js";
 import { $, $$, apiImage, applyParams, clearErrors, el, fieldValue, plural, show, showErrors } from "./ui.js";
 
 const FIELDS = ["prompt", "negative_prompt", "num_images", "num_inference_steps", "guidance_scale", "seed", "width",
-  "height", "scheduler", "webhook_url", "webhook_progress"];
+  "height", "scheduler", "prior", "prior_num_inference_steps", "prior_guidance_scale", "ip_adapter_scale",
+  "webhook_url", "webhook_progress"];
+// what POST /variations takes besides the image (a form: its values as text); the prior is the image's own
+const VARIATION_FIELDS = ["prompt", "negative_prompt", "num_images", "num_inference_steps", "guidance_scale", "seed",
+  "width", "height", "scheduler", "ip_adapter_scale", "webhook_url"];
 const MAX_LIVE_CARDS = 8; // older finished ones leave (the gallery keeps their images)
 let adapterDefault = 1.0;
 let known = []; // adapters this key may use (GET /adapters)
@@ -80,9 +84,20 @@ async function submit() {
   clearErrors(form);
   button.disabled = true;
   const req = body();
+  const image = $("#gen-file").files[0];
   try {
-    const accepted = await sendJson("POST", "/generate", req);
-    follow(accepted.job_id, req);
+    let accepted;
+    if (image) { // variations: a multipart form with the image
+      const form = new FormData();
+      form.append("file", image);
+      for (const name of VARIATION_FIELDS) {
+        if (req[name] !== undefined && req[name] !== "") form.append(name, String(req[name]));
+      }
+      accepted = await postForm("/variations", form);
+    } else {
+      accepted = await sendJson("POST", "/generate", req);
+    }
+    follow(accepted.job_id, image && !req.prompt.trim() ? { ...req, prompt: `variations of ${image.name}` } : req);
   } catch (e) {
     showErrors(form, "gen-", e, resolveField);
   } finally {

@@ -10,7 +10,7 @@ import time
 import zipfile
 
 import httpx
-from _support.fixtures import shapes_dataset_zip, wait_job
+from _support.fixtures import png_bytes, shapes_dataset_zip, wait_job
 from _support.servers import Stack
 
 
@@ -150,6 +150,29 @@ def test_generate_shows_progress_and_images_then_the_gallery_reuses_them(site, a
     assert page.get_by_label("Negative prompt").input_value() == "blurry"
     again = _ended(_generate(page))  # the same image again, alone
     assert again.locator(".seed").all_inner_texts() == ["seed 12"]
+
+
+def test_the_diffusion_prior_and_variations_from_the_form(site, alice, tmp_path):
+    page = alice.page
+    page.get_by_label("Prompt", exact=True).fill("a red circle on a blue background")
+    page.get_by_label("Steps", exact=True).fill("3")
+    page.get_by_text("Prior and variations").click()
+    page.get_by_label("Prior", exact=True).select_option("diffusion")
+    page.get_by_label("Prior steps").fill("4")
+    card = _ended(_generate(page))
+    job = site.as_user["alice"].get(f"/jobs/{card.get_attribute('data-job-id')}").json()
+    assert job["request"]["prior"] == "diffusion" and job["request"]["prior_num_inference_steps"] == 4
+    # an image chosen: Generate makes variations of it (a multipart POST /variations), the prompt optional
+    source = tmp_path / "red.png"
+    source.write_bytes(png_bytes((220, 30, 30)))
+    page.get_by_label("Prior", exact=True).select_option("mlp")
+    page.get_by_label("Prompt", exact=True).fill("")
+    page.get_by_label("Variations of an image").set_input_files(source)
+    card = _ended(_generate(page))
+    assert "variations of red.png" in card.inner_text()
+    job = site.as_user["alice"].get(f"/jobs/{card.get_attribute('data-job-id')}").json()
+    assert job["request"]["image_id"] and job["request"]["num_inference_steps"] == 3
+    assert card.locator("img").count() == 1
 
 
 def test_errors_are_shown_next_to_the_field_they_name(alice):

@@ -114,17 +114,24 @@ def test_minimum_steps_per_scheduler_match_the_library():
 
 
 def test_batch_keys_join_exactly_the_requests_that_can_share_a_denoising_loop():
-    from jobs.requests import GenerateRequest
+    from jobs.requests import GenerateRequest, VariationRequest
     from minidalle.pipeline import BATCH_SHARED
 
     base = GenerateRequest(prompt="a", num_inference_steps=10, adapters=[{"name": "x", "scale": 0.5}])
     own = dict(prompt="b", negative_prompt="c", seed=3, num_images=2, webhook_url="https://example.com/h")
     assert GenerateRequest(**{**base.model_dump(), **own}).batch_key() == base.batch_key()
     differs = dict(num_inference_steps=11, guidance_scale=2.0, width=128, height=128, scheduler="ddim",
-                   adapters=[{"name": "x", "scale": 0.6}])
+                   adapters=[{"name": "x", "scale": 0.6}], prior="diffusion", prior_guidance_scale=2.0,
+                   prior_num_inference_steps=3, ip_adapter_scale=0.5)
     for field, value in differs.items():
         assert GenerateRequest(**{**base.model_dump(), field: value}).batch_key() != base.batch_key(), field
+    # variations batch with variations of the same settings only, whatever their images
+    dumped = {k: v for k, v in base.model_dump().items() if k != "image_id"}
+    variation = VariationRequest(**{**dumped, "image_id": "a" * 32})
+    assert variation.batch_key() != base.batch_key()
+    assert VariationRequest(**{**dumped, "image_id": "b" * 32, **own}).batch_key() == variation.batch_key()
     # what the key holds is what the library's batch shares (eta is not an API field: always the default)
     library = set(BATCH_SHARED) - {"eta"}
     assert {GENERATE[n].api_name or n for n in library if n in GENERATE} | {"adapters"} == \
-        {"num_inference_steps", "guidance_scale", "width", "height", "scheduler", "adapters"}
+        {"num_inference_steps", "guidance_scale", "width", "height", "scheduler", "adapters", "prior",
+         "prior_guidance_scale", "prior_num_inference_steps", "ip_adapter_scale"}
