@@ -14,6 +14,11 @@ Where the files live in a model folder (where diffusers' `StableDiffusionPipelin
 
 The UNet side is diffusers' own code (`unet._load_ip_adapter_weights`, `IPAdapterAttnProcessor2_0`): what trains here
 is exactly what `load_ip_adapter` + `pipe(ip_adapter_image_embeds=[…])` runs later.
+
+With guidance, diffusers takes `ip_adapter_image_embeds=[torch.stack([zeros, e])[:, None]]` (unconditional branch
+first) and repeats it for every prompt of the call: a (2B, 1, P) tensor for B prompts is NOT one image per prompt
+(each prompt would attend to the 4·B tokens of all B images, silently). One image per call, or a batch-aware
+`prepare_ip_adapter_image_embeds`, gives each prompt its own image.
 """
 
 from __future__ import annotations

@@ -37,10 +37,14 @@ class IpTrainConfig:
     seed: int = 0
     steps: int = 1500
     batch_size: int = 64  # base training's batch: the same gradient noise the UNet was trained under
-    lr: float = 1e-3  # a head of ~0.2 M weights on a frozen net; IP-Adapter's 1e-4 is for SD's 22 M
+    lr: float = 5e-3  # a head of ~0.2 M weights on a frozen net (IP-Adapter's 1e-4 is for SD's 22 M): measured
+    #                   better than 1e-3 and no worse than 1e-2 on `quick_check`'s image-only loss
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    text_dropout: float = 0.3  # caption -> "": forces the image tokens to carry shape, colour and background
+    # caption -> "": only then must the image tokens carry shape, colour and background. Measured on the image-only
+    # loss after 200 steps: 0.034 (p = 0.3), 0.031 (0.7), 0.029 (0.9); but at 0.9 the image tokens start to hurt
+    # when a caption is given too (text + image 0.028 vs text alone 0.023), at 0.7 barely (0.024)
+    text_dropout: float = 0.7
     image_dropout: float = 0.1  # embedding -> zeros: diffusers' unconditional image branch
     minutes_budget: float | None = None  # hard wall-clock cap (stops early, still returns the state)
     threads: int | None = None
