@@ -28,6 +28,12 @@ def fake_hub_cache(cache, repo_id, src, *, with_prior=True):
     return repo
 
 
+def run_offline(code: str, cache) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter whose hub is `cache`, offline (what a machine without network sees)."""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("with_prior", [True, False])
 def test_hub_id_loads_through_the_same_code(tmp_path, with_prior):
     """`org/name` resolves through huggingface_hub (offline, from its cache) exactly like a local folder."""
@@ -44,8 +50,7 @@ def test_hub_id_loads_through_the_same_code(tmp_path, with_prior):
         "assert a.prior.is_identity\n"
         "print('OK', a.model_hash == b.model_hash)\n"
     )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = run_offline(code, tmp_path / "hub")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK True" in proc.stdout
 
@@ -67,16 +72,14 @@ def test_a_hub_repo_with_an_image_side_loads_it(tmp_path):
         "assert np.array_equal(np.asarray(ia), np.asarray(ib))\n"
         "print('OK')\n"
     )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = run_offline(code, tmp_path / "hub")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK" in proc.stdout
 
 
 def test_unknown_hub_id_fails_clearly(tmp_path):
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
     code = "from minidalle import MiniDallePipeline\nMiniDallePipeline.from_pretrained('nobody/nothing')\n"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = run_offline(code, tmp_path / "empty")
     assert proc.returncode != 0 and "nobody/nothing" in proc.stderr
 
 
