@@ -120,7 +120,7 @@ def _submit_variation(upload: UploadFile, req: VariationRequest, settings, store
         try:
             check_image(raw, upload.filename or "file", settings.max_image_pixels, settings.max_image_pixels)
         except UploadRejected as e:
-            raise invalid("file", str(e).replace("member ", "", 1), upload.filename) from None
+            raise invalid("file", e.message.replace("member ", "", 1), upload.filename) from None
         from PIL import Image
 
         with Image.open(raw) as im:

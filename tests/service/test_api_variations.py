@@ -92,6 +92,7 @@ def test_bad_variations_name_the_field_and_leave_nothing(istack, files, data, fi
     r = istack.http.post("/variations", files=files, data=data)
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"][-1] == field, r.text
+    assert r.json()["detail"][0]["msg"].startswith(f"{field}: ") and f"{field}: {field}:" not in r.text
     assert _uploads(istack) == before
 
 
