@@ -291,8 +291,7 @@ class MiniDallePipeline:
         `unload_ip_adapter` does but keeping the weights: a switch costs a few dict assignments."""
         if self._ip is None or on == self._ip_on:
             if on and self._ip is None:
-                raise InvalidInput("prior", "this model has no IP-Adapter (no ip_adapter/ folder): it can't take "
-                                   "image embeddings")
+                raise InvalidInput("prior", MISSING["ip_adapter"])
             return
         projection, ip_processors, plain = self._ip
         self.unet.set_attn_processor(dict(ip_processors if on else plain))
@@ -304,8 +303,7 @@ class MiniDallePipeline:
     def encode_image(self, images: list) -> torch.Tensor:
         """CLIP image embeddings (B, P) of RGB PIL images: what a variation is made from."""
         if self.image_encoder is None:
-            raise InvalidInput("image", "this model has no image encoder (no image_encoder/ folder): it can't make "
-                               "variations")
+            raise InvalidInput("image", MISSING["image_encoder"])
         return encode_images(self.image_encoder, self.feature_extractor, images)
 
     @torch.no_grad()
@@ -314,9 +312,9 @@ class MiniDallePipeline:
         """CLIP image embeddings (B, P) sampled by the diffusion prior, one per prompt and generator."""
         dp = self.diffusion_prior
         if dp is None:
-            raise InvalidInput("prior", "this model has no diffusion prior (no diffusion_prior/ folder); use 'mlp'")
-        cond = dp.encode_prompt(prompts, text_encoder=self.text_encoder, tokenizer=self.tokenizer)
-        uncond = dp.encode_prompt([""], text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+            raise InvalidInput("prior", MISSING["diffusion_prior"])
+        both = dp.encode_prompt([*prompts, ""], text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        cond, uncond = both[: len(prompts)], both[len(prompts):]  # one text-encoder call; "" guides the prior
         return dp.sample(cond, uncond, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          generator=generators)
 
@@ -485,7 +483,7 @@ class MiniDallePipeline:
     def _check_image_inputs(self, prior: str, image: Any) -> None:
         """What image tokens need: the model's diffusion prior, image encoder and IP-Adapter, an RGB image."""
         if prior == "diffusion" and self.diffusion_prior is None:
-            raise InvalidInput("prior", "this model has no diffusion prior (no diffusion_prior/ folder); use 'mlp'")
+            raise InvalidInput("prior", MISSING["diffusion_prior"])
         if image is not None:
             from PIL import Image
 
@@ -494,11 +492,9 @@ class MiniDallePipeline:
             if prior == "diffusion":
                 raise InvalidInput("prior", "a variation takes its image embedding from its image: use 'mlp'")
             if self.image_encoder is None:
-                raise InvalidInput("image", "this model has no image encoder (no image_encoder/ folder): it can't "
-                                   "make variations")
+                raise InvalidInput("image", MISSING["image_encoder"])
         if (prior == "diffusion" or image is not None) and self._ip is None:
-            raise InvalidInput("prior" if image is None else "image", "this model has no IP-Adapter (no "
-                               "ip_adapter/ folder) to condition its UNet on an image embedding")
+            raise InvalidInput("prior" if image is None else "image", MISSING["ip_adapter"])
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None,
@@ -663,6 +659,13 @@ class MiniDallePipeline:
             first += len(seeds)
         return results
 
+
+# what a request asks of a model without that part of the image side (one message per part, wherever it is checked)
+MISSING = {
+    "diffusion_prior": "this model has no diffusion prior (no diffusion_prior/ folder); use 'mlp'",
+    "image_encoder": "this model has no image encoder (no image_encoder/ folder): it can't make variations",
+    "ip_adapter": "this model has no IP-Adapter (no ip_adapter/ folder) to condition its UNet on an image embedding",
+}
 
 # What the requests of one `generate_many` batch share, and the defaults `__call__` has for them.
 BATCH_SHARED = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "adapters", "eta", "prior",

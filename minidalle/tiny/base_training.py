@@ -283,7 +283,8 @@ def train_image_side(model_dir: Path, cfg: ImageSideConfig) -> dict:
     ip_state, ip_stats = train_ip_adapter(pipe.unet, pipe.text_encoder, latents, ids, empty_ids, embeds,
                                           IpTrainConfig(seed=cfg.seed, **steps(cfg.ip_steps)))
     timings["ip_s"] = time.monotonic() - t
-    # 6. save: the base as it was, plus the image side
+    # 6. save: the base as it was, plus the image side. Loaded afresh: training attached the IP-Adapter to `pipe`'s
+    # UNet behind the pipeline's back, and `load_ip_adapter` must see the plain processors to switch back to
     base = MiniDallePipeline.from_pretrained(model_dir, device="cpu")
     full = MiniDallePipeline(**base.components, image_encoder=vision, feature_extractor=processor,
                              diffusion_prior=prior.eval(), model_id=base.model_id)
