@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{100 * r['concept_accuracy_after']:.0f}% (goal >= 90%); held-out drop (points) "
                       + ", ".join(f"{k.split('_acc')[0]} {v:+.1f}" for k, v in r["heldout_drop_points"].items())
                       + " (goal <= 5)")
+                if "concept_accuracy_after_diffusion_prior" in r:
+                    before, after = (r[f"concept_accuracy_{t}_diffusion_prior"] for t in ("before", "after"))
+                    print(f"  with prior=diffusion: concept found {100 * before:.0f}% -> {100 * after:.0f}%")
     if args.json:
         print(json.dumps(report, sort_keys=True, default=str))
     return 0

@@ -1,7 +1,8 @@
 """The adapter artifact on disk, and nothing else (no model code here).
 
     {adapter_dir}/
-      adapter.safetensors                 LoRA in peft keys ("unet.<key>") + prior MLP ("prior.<key>")
+      adapter.safetensors                 LoRA in peft keys ("unet.<key>") + prior MLP ("prior.<key>") + a LoRA on
+                                          the diffusion prior's PriorTransformer ("diffusion_prior.<key>"), if trained
       pytorch_lora_weights.safetensors    the same LoRA in the layout diffusers' `load_lora_weights` reads
       kohya_lora.safetensors              the same LoRA in kohya keys with `.alpha` (A1111, ComfyUI)
       adapter.json                        base model + hash, LoRA config, training config, steps, dataset hash, created
@@ -31,6 +32,7 @@ ADAPTER_FILE = "adapter.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 META_FILE = "adapter.json"
 FORMAT_VERSION = 1
+DIFFUSION_PRIOR = "diffusion_prior"  # key prefix of the diffusion prior's LoRA in adapter.safetensors
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Adapter:
     meta: dict[str, Any]
     lora: dict[str, torch.Tensor]  # peft keys, adapter name stripped
     prior: dict[str, torch.Tensor] | None  # PriorMLP state dict, None when the prior was not trained
+    diffusion_prior: dict[str, torch.Tensor] | None = None  # LoRA on the PriorTransformer (peft keys), if trained
 
     @property
     def lora_settings(self) -> LoraSettings:
@@ -92,7 +95,8 @@ def _diffusers_lora_metadata(settings: LoraSettings) -> dict[str, Any]:
 
 
 def save_adapter(out_dir: str | os.PathLike, *, lora: dict[str, torch.Tensor], prior: dict[str, torch.Tensor] | None,
-                 settings: LoraSettings, meta: dict[str, Any]) -> Path:
+                 settings: LoraSettings, meta: dict[str, Any],
+                 diffusion_prior: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter folder atomically (temp folder + rename)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -105,6 +109,9 @@ def save_adapter(out_dir: str | os.PathLike, *, lora: dict[str, torch.Tensor], p
         tensors = {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in lora.items()}
         if prior is not None:
             tensors.update({f"prior.{k}": v.detach().to("cpu").contiguous() for k, v in prior.items()})
+        if diffusion_prior is not None:
+            tensors.update({f"{DIFFUSION_PRIOR}.{k}": v.detach().to("cpu").contiguous()
+                            for k, v in diffusion_prior.items()})
         save_file(tensors, tmp / ADAPTER_FILE, metadata={"format": "minidalle-adapter", "version": str(FORMAT_VERSION)})
         unet_layers = convert_state_dict_to_diffusers({k: v.detach().to("cpu") for k, v in lora.items()})
         StableDiffusionPipeline.save_lora_weights(
@@ -117,7 +124,7 @@ def save_adapter(out_dir: str | os.PathLike, *, lora: dict[str, torch.Tensor], p
                   metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(settings.rank),
                             "ss_network_alpha": str(settings.alpha), "format": "pt"})
         full_meta = {"format_version": FORMAT_VERSION, **meta, "lora": settings.to_dict(),
-                     "has_prior": prior is not None}
+                     "has_prior": prior is not None, "has_diffusion_prior": diffusion_prior is not None}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
         for f in tmp.iterdir():  # safetensors writes private (0600) files; served adapters must be readable
             chmod_like_new(f)
@@ -161,8 +168,10 @@ def load_adapter_files(adapter_dir: str | os.PathLike) -> Adapter:
         raise InvalidInput("adapter", f"{weights} is not a readable safetensors file ({e})") from e
     lora = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
     prior = {k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")} or None
-    stray = [k for k in tensors if not k.startswith(("unet.", "prior."))]
+    diffusion_prior = {k[len(DIFFUSION_PRIOR) + 1:]: v for k, v in tensors.items()
+                       if k.startswith(f"{DIFFUSION_PRIOR}.")} or None
+    stray = [k for k in tensors if not k.startswith(("unet.", "prior.", f"{DIFFUSION_PRIOR}."))]
     if stray or not lora:
         raise InvalidInput("adapter", f"{weights} has unexpected keys {stray[:3]} or no LoRA weights")
     _lora_settings(meta, adapter_dir)  # validated here, rebuilt by Adapter.lora_settings
-    return Adapter(path=adapter_dir, meta=meta, lora=lora, prior=prior)
+    return Adapter(path=adapter_dir, meta=meta, lora=lora, prior=prior, diffusion_prior=diffusion_prior)

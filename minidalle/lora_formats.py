@@ -153,7 +153,7 @@ def _unet_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def import_adapter(src: str | os.PathLike, out_dir: str | os.PathLike, *, pipeline, name: str | None = None,
                    max_rank: int = 256) -> Path:
     """Convert a LoRA file or folder into an adapter folder of ours for `pipeline`'s base model, checked first."""
-    from minidalle.pipeline import check_lora_fits
+    from minidalle.lora_layers import check_lora_fits
 
     found = read_lora(src)
     if found.rank > max_rank:

@@ -185,7 +185,8 @@ class Finetune:
     grad_accum = Param(int, 1, "micro-steps per optimizer step (gradient accumulation)", ge=1, le=1024)
     resolution = Param(int, None, "training resolution in pixels (default: the model's native size)", ge=8,
                        le=2048, multiple_of=8, nullable=True)
-    train_prior = Param(bool, True, "train the prior too (off: plain LoRA, which stock diffusers also loads)")
+    train_prior = Param(bool, True, "train the priors too: the MLP prior and, on a model with one, a LoRA on the "
+                        "diffusion prior (off: plain LoRA, which stock diffusers also loads)")
     caption_dropout = Param(float, 0.05, "train on the empty caption this often, so classifier-free guidance keeps "
                             "working", ge=0, lt=1)
     random_flip = Param(bool, False, "mirror images at random")

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import secrets
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from minidalle.errors import InvalidInput
 from minidalle.image_conditioning import (attach_ip_adapter, encode_images, load_image_encoder,
                                           load_ip_adapter_state, save_image_encoder, save_ip_adapter,
                                           ip_adapter_state)
+from minidalle.lora_layers import LoraLayers, add_lora, delete_lora
 from minidalle.params import GENERATE, Generate, check_adapter_name
 from minidalle.prior import Prior
 from minidalle.schedulers import SCHEDULERS, make_scheduler, min_inference_steps
@@ -78,7 +78,8 @@ class MiniDallePipeline:
         self.max_loaded_adapters = max_loaded_adapters
         self._adapters: OrderedDict[str, str] = OrderedDict()  # name -> source folder (LRU order)
         self._model_hash: str | None = None
-        self._lora_layers: tuple[tuple, list] | None = None  # (adapter names it was built for, LoRA layers)
+        self._unet_loras = LoraLayers(unet)
+        self._prior_loras = LoraLayers(diffusion_prior.net) if diffusion_prior is not None else None
         self._schedulers: dict[str, tuple] = {}  # name -> (base scheduler it was built from, scheduler)
         self._fuse_qkv = False  # fast path (enable_fast_path): fused q/k/v while no LoRA is active
         self._fused_now = False
@@ -308,11 +309,15 @@ class MiniDallePipeline:
 
     @torch.no_grad()
     def sample_image_embeds(self, prompts: list[str], generators: list[torch.Generator], *,
-                            num_inference_steps: int = 10, guidance_scale: float = 4.0) -> torch.Tensor:
-        """CLIP image embeddings (B, P) sampled by the diffusion prior, one per prompt and generator."""
+                            num_inference_steps: int = 10, guidance_scale: float = 4.0,
+                            adapters: Sequence[tuple[str, float]] | None = None) -> torch.Tensor:
+        """CLIP image embeddings (B, P) sampled by the diffusion prior, one per prompt and generator. `adapters`
+        (name or folder, scale): their LoRAs on the prior, if they have any, are on (None: whatever is active)."""
         dp = self.diffusion_prior
         if dp is None:
             raise InvalidInput("prior", MISSING["diffusion_prior"])
+        if adapters is not None:
+            self._activate(adapters)
         both = dp.encode_prompt([*prompts, ""], text_encoder=self.text_encoder, tokenizer=self.tokenizer)
         cond, uncond = both[: len(prompts)], both[len(prompts):]  # one text-encoder call; "" guides the prior
         return dp.sample(cond, uncond, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -338,41 +343,31 @@ class MiniDallePipeline:
         base = adapter.meta.get("base_model_hash")
         if base and base != self.model_hash:
             log.warning("adapter %s was trained on base %s, this model is %s", name, base, self.model_hash)
-        self._inject_lora(name, adapter)
+        add_lora(self.unet, name, adapter.lora_settings.peft_config(), adapter.lora)
+        self.unet.eval()
+        if adapter.diffusion_prior is not None:
+            if self.diffusion_prior is None:
+                log.info("adapter %s carries a diffusion prior LoRA; this model has no diffusion prior", name)
+            else:
+                try:
+                    add_lora(self.diffusion_prior.net, name, adapter.lora_settings.peft_config(),
+                             adapter.diffusion_prior)
+                except BaseException:
+                    delete_lora(self.unet, name)
+                    raise
+                self.diffusion_prior.eval()
         if adapter.prior is not None:
             self.prior.add_adapter(name, adapter.prior)
         self._adapters[name] = src
         self._evict(keep={name})
         return name
 
-    def _inject_lora(self, name: str, adapter) -> None:
-        """LoRA layers created on the meta device and filled straight from the file (no random init, no copy)."""
-        from peft import inject_adapter_in_model
-        from peft.utils import set_peft_model_state_dict
-
-        check_lora_fits(self.unet, name, adapter.lora)  # before touching the UNet: a clear error, nothing half-done
-        device, dtype = self.device, self.dtype  # each property walks every module: read once
-        lora = {k: v.to(device=device, dtype=dtype) for k, v in adapter.lora.items()}
-        config = adapter.lora_settings.peft_config()
-        config.base_model_name_or_path = None
-        self.unet._hf_peft_config_loaded = True  # what diffusers' add_adapter records
-        with warnings.catch_warnings():  # peft warns on every adapter after the first: several is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            inject_adapter_in_model(config, self.unet, adapter_name=name, low_cpu_mem_usage=True)
-        try:
-            set_peft_model_state_dict(self.unet, lora, adapter_name=name, low_cpu_mem_usage=True)
-            left = [n for n, p in self.unet.named_parameters() if p.is_meta]
-            if left:
-                raise InvalidInput("adapters", f"{name!r} lacks LoRA weights for {left[:3]}")
-        except BaseException:
-            self.unet.delete_adapters(name)
-            raise
-        self.unet.eval()
-
     def unload_adapter(self, name: str) -> None:
         if name not in self._adapters:
             raise InvalidInput("adapters", f"{name!r} is not loaded")
-        self.unet.delete_adapters(name)
+        delete_lora(self.unet, name)
+        if self.diffusion_prior is not None:
+            delete_lora(self.diffusion_prior.net, name)
         self.prior.delete_adapter(name)
         del self._adapters[name]
 
@@ -399,29 +394,11 @@ class MiniDallePipeline:
             self._adapters.move_to_end(name)
             active.append((name, float(scale)))
         self._evict(keep={n for n, _ in active})
-        self._set_unet_adapters(active)
+        self._unet_loras.set_active(active)
+        if self._prior_loras is not None:
+            self._prior_loras.set_active(active)
         self.prior.set_active(active)
         return active
-
-    def _set_unet_adapters(self, active: list[tuple[str, float]]) -> None:
-        """What diffusers' enable_lora/set_adapters/disable_lora do, over a cached list of the LoRA layers.
-
-        diffusers walks every module of the UNet on each call (~1000 on SD 1.5); a request only needs the layers.
-        """
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        config = getattr(self.unet, "peft_config", None) or {}
-        key = tuple(config)  # changes whenever an adapter is added or deleted (here or by the trainer)
-        if self._lora_layers is None or self._lora_layers[0] != key:
-            self._lora_layers = (key, [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)])
-        layers = self._lora_layers[1]
-        names = [n for n, _ in active]
-        for layer in layers:
-            layer.enable_adapters(bool(active))  # disabled: base output only, whatever is loaded
-            if active:
-                layer.set_adapter(names)
-                for name, scale in active:
-                    layer.set_scale(name, scale)
 
     def _scheduler_for(self, name: str | None):
         """One scheduler per name, built from the model's config once and reused (diffusers pipelines reuse theirs:
@@ -696,20 +673,6 @@ def _norm(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_norm(v) for v in value)
     return value
-
-
-def check_lora_fits(unet, name: str, lora: dict, field: str = "adapters") -> None:
-    """Every LoRA matrix must sit on a Linear of this UNet with matching width (else: an adapter for another model)."""
-    linears = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
-    for key, t in lora.items():
-        module, _, kind = key.rpartition(".lora_")
-        target = linears.get(module) or linears.get(f"{module}.base_layer")
-        if target is None or t.ndim != 2:
-            raise InvalidInput(field, f"{name!r} has LoRA weights for a module this model lacks: {module!r}")
-        want = t.shape[1] == target.in_features if kind.startswith("A") else t.shape[0] == target.out_features
-        if not want:
-            raise InvalidInput(field, f"{name!r} does not fit this model ({key}: {tuple(t.shape)} vs "
-                             f"{target.in_features}->{target.out_features})")
 
 
 def _scheduler_name(scheduler) -> str:

@@ -187,12 +187,13 @@ def vae_ceiling(pipe_or_model_path=None, n: int = 500, *, seed: int = 1234, spli
 def evaluate_concept(pipe_or_model_path=None, concept: shapes.Concept = shapes.Concept(), *,
                      seeds: Sequence[int] = DEFAULT_SEEDS, steps: int = DEFAULT_STEPS,
                      guidance: float = DEFAULT_GUIDANCE, adapters: Sequence[tuple[str, float]] = (),
-                     progress: bool = True) -> dict:
-    """How often prompts using the invented word ("a zorb on a blue background") draw the concept."""
+                     progress: bool = True, **prior: object) -> dict:
+    """How often prompts using the invented word ("a zorb on a blue background") draw the concept. `prior`: the
+    pipeline's prior keywords (default: the MLP prior)."""
     pipe = _load(pipe_or_model_path)
     backgrounds = [b for b in shapes.BACKGROUNDS if b != concept.shape_color]
     images = generate_grid(pipe, [concept.caption(b) for b in backgrounds], seeds=seeds, steps=steps,
-                           guidance=guidance, adapters=adapters, progress=progress)
+                           guidance=guidance, adapters=adapters, progress=progress, **prior)
     expected = [(concept.shape_color, concept.shape, b) for _ in seeds for b in backgrounds]
     r = _score([np.asarray(im.convert("RGB")) for im in images], expected)
     # the concept is "found" when both its colour and its shape are drawn (background is scored separately)
@@ -213,7 +214,8 @@ def lora_teach(model: str, work_dir, *, concept: shapes.Concept = shapes.Concept
 
     `steps` / `guidance` / `seeds` are for generation; `train_steps` and `train_overrides` go to TrainConfig.
 
-    Returns concept accuracy and held-out base accuracy without and with the adapter, plus the training time.
+    Returns concept accuracy and held-out base accuracy without and with the adapter, plus the training time; on a
+    model with a diffusion prior also the concept accuracy with `prior="diffusion"` (`…_diffusion_prior`).
     """
     from pathlib import Path
 
@@ -244,6 +246,9 @@ def lora_teach(model: str, work_dir, *, concept: shapes.Concept = shapes.Concept
         out[f"concept_accuracy_{tag}"] = c["concept_accuracy"]
         out[f"heldout_{tag}"] = {k: h[k] for k in ("shape_color_accuracy", "background_color_accuracy",
                                                     "shape_accuracy", "all_accuracy")}
+        if pipe.diffusion_prior is not None and pipe.has_ip_adapter:
+            c = evaluate_concept(pipe, concept, adapters=adapters, prior="diffusion", **kw)
+            out[f"concept_accuracy_{tag}_diffusion_prior"] = c["concept_accuracy"]
     out["heldout_drop_points"] = {k: round(100 * (out["heldout_before"][k] - out["heldout_after"][k]), 1)
                                   for k in out["heldout_before"]}
     return out

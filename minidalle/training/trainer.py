@@ -3,6 +3,10 @@
 The text encoder, VAE and UNet base weights are frozen; only the LoRA matrices and (optionally) a copy of the prior
 MLP train. Because the frozen parts are deterministic, their outputs are cached once per dataset.
 
+With `train_prior` on a model that has a diffusion prior and a CLIP image encoder, a LoRA (the same settings) on the
+diffusion prior's PriorTransformer learns the dataset's (caption → CLIP image embedding of its image) pairs by the
+prior's own objective, next to the UNet's: a new word then means its images for `prior="diffusion"` too.
+
 Every random draw of micro-step m (sample order, latent sample, noise, timesteps, caption dropout, LoRA dropout) comes
 from seeds derived from (config.seed, m), so N steps straight and N/2 + resume + N/2 give identical weights.
 """
@@ -25,12 +29,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from minidalle.adapters import save_adapter
 from minidalle.data import Example, dataset_hash, load_image, scan_dataset
 from minidalle.devices import resolve_dtype
 from minidalle.errors import Cancelled, InvalidInput
+from minidalle.lora_layers import LoraLayers, add_lora, delete_lora, lora_state
 from minidalle.training.checkpoint import flatten_optimizer, jsonable, latest_checkpoint, step_of, unflatten_optimizer
 from minidalle.training.config import TrainConfig
 
@@ -108,18 +114,35 @@ class Trainer:
             p.data = p.data.float()  # trainable weights in fp32 even over a half-precision base
             p.requires_grad_(True)
         self.prior_mlp = pipe.prior.new_adapter_mlp().float() if cfg.train_prior else None
+        self.diffusion_prior = pipe.diffusion_prior if cfg.train_prior and pipe.diffusion_prior is not None \
+            and pipe.image_encoder is not None else None
+        self.prior_lora_params: list[torch.nn.Parameter] = []
+        if self.diffusion_prior is not None:
+            net = self.diffusion_prior.net
+            self.prior_lora_params = add_lora(net, TRAIN_ADAPTER, cfg.lora.peft_config())
+            self._prior_loras = LoraLayers(net)
+            self._prior_loras.set_active([(TRAIN_ADAPTER, 1.0)])
+            for p in net.parameters():
+                p.requires_grad_(False)
+            for p in self.prior_lora_params:
+                p.data = p.data.float()
+                p.requires_grad_(True)
         if cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
         groups = [{"params": self.lora_params, "lr": cfg.learning_rate}]
         if self.prior_mlp is not None:
             groups.append({"params": list(self.prior_mlp.parameters()),
                            "lr": cfg.prior_learning_rate or cfg.learning_rate})
+        if self.prior_lora_params:
+            groups.append({"params": self.prior_lora_params, "lr": cfg.prior_learning_rate or cfg.learning_rate})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.lr_scheduler = _lr_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         # 4. caches of the frozen parts
         self._text_cache: dict[str, torch.Tensor] = {}
         self._latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prior_text_cache: dict[str, Any] = {}  # caption -> PriorCondition (1 row)
+        self._embed_cache: dict[tuple[int, bool], torch.Tensor] = {}  # (image, flip) -> CLIP image embedding (P,)
         if cfg.cache:
             self._fill_caches()
         # 5. resume
@@ -144,12 +167,16 @@ class Trainer:
         total, done = len(captions) + len(self.examples) * len(flips), 0
         for caption in captions:
             self._text_cache[caption] = self._encode_text([caption])[0]
+            if self.diffusion_prior is not None:
+                self._prior_text_cache[caption] = self._prior_condition([caption])
             done += 1
         self.on_progress(dict(type="caching", done=done, total=total))
         for i in range(len(self.examples)):
             for flip in flips:
                 mean, std = self._encode_image([i], [flip])
                 self._latent_cache[(i, flip)] = (mean[0], std[0])
+                if self.diffusion_prior is not None:
+                    self._embed_cache[(i, flip)] = self._image_embeds([i], [flip])[0]
                 done += 1
             self.on_progress(dict(type="caching", done=done, total=total))
 
@@ -165,6 +192,22 @@ class Trainer:
                                                                                                  strict=True)])
         dist = self.pipe.vae.encode(px.to(self.device, self.dtype)).latent_dist  # (B, 4, R/f, R/f)
         return dist.mean, dist.std
+
+    @torch.no_grad()
+    def _prior_condition(self, captions: list[str]):  # PriorCondition (B rows)
+        return self.diffusion_prior.encode_prompt(captions, text_encoder=self.pipe.text_encoder,
+                                                  tokenizer=self.pipe.tokenizer)
+
+    @torch.no_grad()
+    def _image_embeds(self, idx: list[int], flips: list[bool]) -> torch.Tensor:  # (B, P)
+        from PIL import ImageOps
+
+        images = []
+        for i, flip in zip(idx, flips, strict=True):
+            with Image.open(self.examples[i].path) as im:
+                im = im.convert("RGB")
+            images.append(ImageOps.mirror(im) if flip else im)
+        return self.pipe.encode_image(images)
 
     # ------------------------------------------------------------------------------------------------------------
     # one step
@@ -209,7 +252,29 @@ class Trainer:
         with amp:
             cond = self._condition(hidden)  # (B, 77, D_cross)
             pred = pipe.unet(noisy.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
-        return F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float())
+        if self.diffusion_prior is None:
+            return loss, None
+        with amp:
+            prior_loss = self._prior_loss(idx, flips, m).float()
+        return loss, prior_loss
+
+    def _prior_loss(self, idx: list[int], flips: list[bool], m: int) -> torch.Tensor:
+        """The diffusion prior's own objective on this batch's (caption, CLIP image embedding) pairs. The prior
+        drops captions for its guidance itself (its cond_drop_prob), so it gets the real ones."""
+        from minidalle.diffusion_prior import PriorCondition
+
+        captions = [self.examples[i].caption for i in idx]
+        if self.config.cache:
+            embeds = torch.stack([self._embed_cache[(i, f)] for i, f in zip(idx, flips, strict=True)])
+            cond = PriorCondition.cat([self._prior_text_cache[c] for c in captions])
+            uncond = self._prior_text_cache[""]
+        else:
+            embeds = self._image_embeds(idx, flips)
+            both = self._prior_condition([*captions, ""])
+            cond, uncond = both[: len(captions)], both[len(captions):]
+        g = torch.Generator().manual_seed(_seed(self.config.seed, m, 4))
+        return self.diffusion_prior.loss(embeds, cond, uncond, generator=g)
 
     def _condition(self, hidden: torch.Tensor) -> torch.Tensor:
         prior = self.pipe.prior
@@ -221,14 +286,20 @@ class Trainer:
 
     def _optimizer_step(self) -> float:
         cfg = self.config
-        total = 0.0
+        total, prior_total = 0.0, 0.0
         for k in range(cfg.grad_accum):
-            loss = self._micro_step(self.step * cfg.grad_accum + k) / cfg.grad_accum
-            self.scaler.scale(loss).backward()
-            total += float(loss.detach())
+            loss, prior_loss = self._micro_step(self.step * cfg.grad_accum + k)
+            both = loss if prior_loss is None else loss + prior_loss  # separate weights: the sum trains each on its own
+            self.scaler.scale(both / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+            if prior_loss is not None:
+                prior_total += float(prior_loss.detach()) / cfg.grad_accum
         self.scaler.unscale_(self.optimizer)
         params = self.lora_params + (list(self.prior_mlp.parameters()) if self.prior_mlp is not None else [])
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if self.prior_lora_params:  # its own norm: the prior's loss is on another scale than the UNet's
+            torch.nn.utils.clip_grad_norm_(self.prior_lora_params, cfg.max_grad_norm)
+            self.diffusion_prior_loss = prior_total
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
@@ -242,6 +313,8 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         self.pipe.unet.train()
+        if self.diffusion_prior is not None:
+            self.diffusion_prior.train()
         loss, step_times = float("nan"), []
         try:
             while self.step < cfg.steps:
@@ -254,6 +327,8 @@ class Trainer:
                              lr=self.lr_scheduler.get_last_lr()[0],
                              samples_per_s=cfg.batch_size * cfg.grad_accum / max(per_step, 1e-9),
                              eta_s=per_step * (cfg.steps - self.step))
+                if self.diffusion_prior is not None:
+                    event["diffusion_prior_loss"] = self.diffusion_prior_loss
                 every = cfg.checkpoint_interval
                 if every and self.step % every == 0 and self.step < cfg.steps:
                     self._checkpoint_and_validate()
@@ -264,6 +339,8 @@ class Trainer:
                     self.save_checkpoint()
             raise
         self.pipe.unet.eval()
+        if self.diffusion_prior is not None:
+            self.diffusion_prior.eval()
         adapter_dir = self.export(Path(cfg.output_dir), loss=loss)
         if cfg.validation_prompts:
             self._validate(adapter_dir, tag="final")
@@ -295,12 +372,17 @@ class Trainer:
                     num_images=len(self.examples), final_loss=loss, resolution=self.resolution,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     # which prior each generation path uses with this adapter: its own MLP (trained here) or the
-                    # base model's, and the base model's diffusion prior + IP-Adapter (not trained by a fine-tune)
+                    # base model's; its LoRA on the diffusion prior (trained here) or the base model's diffusion
+                    # prior as it is (the IP-Adapter head is the base model's either way)
                     priors=dict(mlp="adapter" if self.prior_mlp is not None else "base",
-                                diffusion="base" if self.pipe.diffusion_prior is not None else None))
+                                diffusion="adapter" if self.diffusion_prior is not None
+                                else "base" if self.pipe.diffusion_prior is not None else None))
         prior = {k: v.detach().float().cpu() for k, v in self.prior_mlp.state_dict().items()} \
             if self.prior_mlp is not None else None
-        return save_adapter(out_dir, lora=self._lora_state(), prior=prior, settings=cfg.lora, meta=meta)
+        diffusion_prior = lora_state(self.diffusion_prior.net, TRAIN_ADAPTER) \
+            if self.diffusion_prior is not None else None
+        return save_adapter(out_dir, lora=self._lora_state(), prior=prior, settings=cfg.lora, meta=meta,
+                            diffusion_prior=diffusion_prior)
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N/: adapter/ + optimizer.safetensors + trainer_state.json, renamed into place."""
@@ -341,6 +423,12 @@ class Trainer:
             if adapter.prior is None:
                 raise InvalidInput("resume", f"checkpoint {path} has no prior weights but train_prior is on")
             self.prior_mlp.load_state_dict({k: v.float() for k, v in adapter.prior.items()})
+        if self.diffusion_prior is not None:
+            if adapter.diffusion_prior is None:
+                raise InvalidInput("resume", f"checkpoint {path} has no diffusion prior LoRA but train_prior is on")
+            set_peft_model_state_dict(self.diffusion_prior.net, {k: v.to(self.device, torch.float32) for k, v in
+                                                                 adapter.diffusion_prior.items()},
+                                      adapter_name=TRAIN_ADAPTER)
         try:
             tensors = load_file(path / "optimizer.safetensors")
         except Exception as e:  # a truncated or foreign file: say which
@@ -376,6 +464,11 @@ class Trainer:
             for p in self.lora_params:
                 p.requires_grad_(True)
             pipe.unet.train(was_training)
+            if self.diffusion_prior is not None:
+                self._prior_loras.set_active([(TRAIN_ADAPTER, 1.0)])
+                for p in self.prior_lora_params:
+                    p.requires_grad_(True)
+                self.diffusion_prior.train(was_training)
         self.validation_images.extend(paths)
         self.on_progress(dict(type="validation", step=self.step, total=cfg.steps, images=[str(p) for p in paths]))
         return paths
@@ -383,10 +476,13 @@ class Trainer:
     def teardown(self) -> None:
         """Leave a resident pipeline as it was: training adapter removed, eval mode."""
         if self.pipe is not None and self._injected:
-            self.pipe.unet.delete_adapters(TRAIN_ADAPTER)
+            delete_lora(self.pipe.unet, TRAIN_ADAPTER)
             if self.config.gradient_checkpointing:
                 self.pipe.unet.disable_gradient_checkpointing()
             self.pipe.unet.requires_grad_(False).eval()
+            if self.diffusion_prior is not None:
+                delete_lora(self.diffusion_prior.net, TRAIN_ADAPTER)
+                self.diffusion_prior.requires_grad_(False).eval()
             self._injected = False
 
 

@@ -232,7 +232,7 @@ def test_a_finetune_from_a_zip_shows_its_loss_curve_and_validation_images(site, 
     page.get_by_label("Validation prompts (one a line)").fill("a red square\na blue square")
     page.get_by_text("Training settings").click()
     page.get_by_label("Rank").fill("4")
-    page.get_by_label("Train the prior").uncheck()
+    page.get_by_label("Train the priors").uncheck()
     page.get_by_role("button", name="Start fine-tune").click()
     page.locator("#ft-live[data-state='succeeded']").wait_for(timeout=120_000)
 

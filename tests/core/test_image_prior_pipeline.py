@@ -131,7 +131,7 @@ def test_an_adapter_trained_on_it_records_its_priors_and_works_with_either(image
     out = tmp_path / "zorb"
     train(TrainConfig(dataset_dir=zorb(4), output_dir=out, steps=2, checkpoint_every=0), pipeline=pipe)
     meta = json.loads((out / "adapter.json").read_text())
-    assert meta["priors"] == {"mlp": "adapter", "diffusion": "base"}
+    assert meta["priors"] == {"mlp": "adapter", "diffusion": "adapter"}
     plain = pipe("a zorb", seed=1, prior="diffusion", **STEPS)
     styled = pipe("a zorb", seed=1, prior="diffusion", adapters=[(str(out), 1.0)], **STEPS)
     assert np.abs(_px(styled) - _px(plain)).max() > 0  # LoRA and image tokens together
