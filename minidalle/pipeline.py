@@ -152,6 +152,10 @@ class MiniDallePipeline:
             save_ip_adapter(ip_adapter_state(self.unet), path)
         self.set_image_tokens(on)
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
+        for config_file in path.glob("*/config.json"):  # diffusers records where a model was loaded from: this
+            config = json.loads(config_file.read_text())  # machine's business, not the folder's
+            if config.pop("_name_or_path", None) is not None:
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return path
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MiniDallePipeline:

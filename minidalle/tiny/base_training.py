@@ -354,5 +354,8 @@ def train_base(cfg: BaseTrainConfig) -> dict:
 
 
 def write_provenance(model_dir: Path, result: dict) -> None:
-    """training.json: how the folder was made (loaders ignore it)."""
-    (model_dir / "training.json").write_text(json.dumps(result, indent=2, default=str))
+    """training.json: how the folder was made (loaders ignore it). Not where: the folder may be shipped."""
+    def public(d):
+        return {k: public(v) if isinstance(v, dict) else v for k, v in d.items() if k != "out"}
+
+    (model_dir / "training.json").write_text(json.dumps(public(result), indent=2, default=str))

@@ -103,3 +103,15 @@ def test_embedded_model_has_the_sd15_layout():
     assert not list(TINY_RANDOM.rglob("*.bin")) and not list(TINY_RANDOM.rglob("*.pt"))  # safetensors only
     pipe = MiniDallePipeline.from_pretrained()
     assert pipe.tokenizer.model_max_length == 77 and pipe.count_tokens("a red circle") == 3
+
+
+def test_a_saved_folder_names_no_local_path(tmp_path):
+    """Loaded from a folder and saved again: no file of the new folder names where the model came from."""
+    src = tmp_path / "private-place"
+    shutil.copytree(TINY_RANDOM, src)
+    out = MiniDallePipeline.from_pretrained(src, device="cpu").save_pretrained(tmp_path / "saved")
+    leaks = [p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".txt")
+             and "private-place" in p.read_text()]
+    assert not leaks
+    again = MiniDallePipeline.from_pretrained(out, device="cpu")  # and it still loads
+    assert again.unet.config.sample_size == MiniDallePipeline.from_pretrained(src, device="cpu").unet.config.sample_size

@@ -31,6 +31,8 @@ def test_writes_sd15_layout_that_loads(trained):
         assert part in index and (out / part).is_dir()
     assert (out / "prior" / "config.json").is_file()
     assert json.loads((out / "training.json").read_text())["steps"] == TINY["unet_steps"]
+    leaks = [p for p in out.rglob("*.json") if str(out.parent) in p.read_text()]  # where it was made stays here
+    assert not leaks
     assert result["steps"] == TINY["unet_steps"] and result["timings"]["total_s"] > 0
     pipe = MiniDallePipeline.from_pretrained(out, device="cpu")
     assert pipe.default_height == 32
