@@ -268,7 +268,9 @@ def train_image_side(model_dir: Path, cfg: ImageSideConfig) -> dict:
     t = time.monotonic()
     distinct = sorted(set(captions))
     index = {c: i for i, c in enumerate(distinct)}
-    prior = new_tiny(embeds.shape[1], text_projection=text_projection.weight.detach())
+    with torch.random.fork_rng(devices=[]):  # its init from the seed, not from whatever this process drew before:
+        torch.manual_seed(cfg.seed)  # `--stages image` alone and after the base make the same prior
+        prior = new_tiny(embeds.shape[1], text_projection=text_projection.weight.detach())
     prior_stats = train_diffusion_prior(prior, pipe.text_encoder, pipe.tokenizer, distinct,
                                         torch.tensor([index[c] for c in captions]), embeds,
                                         PriorTrainConfig(seed=cfg.seed, **steps(cfg.prior_steps)))

@@ -1,14 +1,17 @@
 """`train-base` on a tiny budget writes a folder that the ordinary loaders read, and it is seeded."""
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from minidalle.cli.tiny import train_base_main
 from minidalle.pipeline import MiniDallePipeline
-from minidalle.tiny.base_training import BaseTrainConfig, ImageSideConfig, train_base
+from minidalle.tiny.base_training import BaseTrainConfig, ImageSideConfig, train_base, train_image_side
 from minidalle.tiny.evaluate import evaluate
 from minidalle.tiny.shapes import heldout_combos
 
@@ -68,6 +71,27 @@ def test_training_is_seeded(trained, tmp_path):
         sd1, sd2 = m1.state_dict(), m2.state_dict()
         assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     assert not np.isclose(a.vae.config.scaling_factor, 1.0)
+
+
+def test_the_image_stage_alone_makes_what_the_whole_run_made(trained, tmp_path):
+    """`train-base --stages image` over the base of a whole run writes that run's image side, bit for bit, whatever
+    the process drew before: how the shipped image side was made, and why the whole run reproduces it."""
+    out, _ = trained
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone)
+    side = ("image_encoder", "diffusion_prior", "ip_adapter")
+    for part in (*side, "feature_extractor"):
+        shutil.rmtree(alone / part)
+    assert MiniDallePipeline.from_pretrained(alone, device="cpu").diffusion_prior is None
+    torch.manual_seed(1234)
+    torch.rand(99)  # another history of the global generator than the whole run's
+    train_image_side(alone, replace(TINY["image_side"], seed=5))
+    for part in side:
+        files = sorted(p.relative_to(out) for p in (out / part).rglob("*.safetensors"))
+        assert files, part
+        for f in files:
+            a, b = load_file(out / f), load_file(alone / f)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
 
 def test_bad_config_names_the_field(tmp_path):
