@@ -42,6 +42,7 @@ class ForeignLora:
     source: str  # kohya | diffusers | peft | minidalle
     prior: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] | None = None
+    diffusion_prior: dict[str, torch.Tensor] | None = None  # our own folders: the diffusion prior's LoRA
 
 
 def kohya_state_dict(lora: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -96,7 +97,8 @@ def read_lora(src: str | os.PathLike) -> ForeignLora:
     if kind == "minidalle":
         adapter = load_adapter_files(path)
         s = adapter.lora_settings
-        return ForeignLora(adapter.lora, s.rank, s.alpha, "minidalle", adapter.prior, adapter.meta)
+        return ForeignLora(adapter.lora, s.rank, s.alpha, "minidalle", adapter.prior, adapter.meta,
+                           adapter.diffusion_prior)
     tensors, metadata = _safetensors(path)
     if not tensors:
         raise InvalidInput("file", f"{path.name} holds no tensors")
@@ -169,4 +171,12 @@ def import_adapter(src: str | os.PathLike, out_dir: str | os.PathLike, *, pipeli
     meta = dict(found.meta or {})
     meta.update(base_model=pipeline.model_id, base_model_hash=pipeline.model_hash, imported_from=found.source,
                 steps=meta.get("steps"))
-    return save_adapter(out_dir, lora=found.lora, prior=found.prior, settings=settings, meta=meta)
+    diffusion_prior = found.diffusion_prior
+    if diffusion_prior is not None:
+        if pipeline.diffusion_prior is None:  # nothing here to put it on: the adapter says so
+            diffusion_prior = None
+            meta["priors"] = {**meta.get("priors", {}), "diffusion": None}
+        else:
+            check_lora_fits(pipeline.diffusion_prior.net, label, diffusion_prior, field="file")
+    return save_adapter(out_dir, lora=found.lora, prior=found.prior, settings=settings, meta=meta,
+                        diffusion_prior=diffusion_prior)

@@ -13,6 +13,7 @@ path (`ip_adapter_image_embeds`). Without image tokens the UNet runs its plain a
 from __future__ import annotations
 
 import minidalle._quiet  # noqa: F401  (first: quiets diffusers' first import)
+import dataclasses
 import hashlib
 import json
 import logging
@@ -353,9 +354,11 @@ class MiniDallePipeline:
             if self.diffusion_prior is None:
                 log.info("adapter %s carries a diffusion prior LoRA; this model has no diffusion prior", name)
             else:
+                # its own targets: an imported adapter names the UNet's modules one by one
+                targets = sorted({k.rsplit(".lora_", 1)[0] for k in adapter.diffusion_prior})
+                settings = dataclasses.replace(adapter.lora_settings, target_modules=targets)
                 try:
-                    add_lora(self.diffusion_prior.net, name, adapter.lora_settings.peft_config(),
-                             adapter.diffusion_prior)
+                    add_lora(self.diffusion_prior.net, name, settings.peft_config(), adapter.diffusion_prior)
                 except BaseException:
                     delete_lora(self.unet, name)
                     raise

@@ -124,3 +124,15 @@ def test_a_diffusion_prior_lora_that_does_not_fit_is_refused_whole(pipe, zorb, t
         pipe.load_adapter(out, name="bad")
     assert e.value.field == "adapters" and "bad" not in pipe.loaded_adapters
     assert not hasattr(pipe.unet, "peft_config") or "bad" not in pipe.unet.peft_config
+
+
+def test_an_imported_copy_keeps_the_prior_lora(pipe, zorb, tmp_path):
+    """Our own folder through the import path (POST /adapters, `adapters import`): the same embeddings after."""
+    from minidalle.lora_formats import import_adapter
+
+    out = train(config(zorb(4), tmp_path / "a"), pipeline=pipe).adapter_dir
+    copy = import_adapter(out, tmp_path / "copy", pipeline=pipe)
+    assert json.loads((copy / "adapter.json").read_text())["priors"]["diffusion"] == "adapter"
+    original = embeds(pipe, "a zorb number 1", adapters=[(str(out), 1.0)])
+    assert torch.equal(embeds(pipe, "a zorb number 1", adapters=[(str(copy), 1.0)]), original)
+    assert not torch.equal(embeds(pipe, "a zorb number 1", adapters=[]), original)
