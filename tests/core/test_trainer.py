@@ -189,7 +189,7 @@ def test_v_prediction_targets(dataset, tmp_path, fresh_pipe):
         latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([500])
         v = trainer.noise_scheduler.get_velocity(latents, noise, t)
         assert not torch.allclose(v, noise)
-        assert np.isfinite(float(trainer._micro_step(0)[0]))
+        assert np.isfinite(float(trainer._micro_step(0)[0].detach()))
     finally:
         trainer.teardown()
 
