@@ -274,6 +274,8 @@ def _train_event(run: JobRun, validation_dir: Path, event: dict) -> None:
     if kind == "progress":
         run.step_done()
         data = {k: event.get(k) for k in ("step", "total", "loss", "lr", "eta_s")}
+        if "diffusion_prior_loss" in event:  # a model with a diffusion prior: its LoRA trains too
+            data["diffusion_prior_loss"] = event["diffusion_prior_loss"]
         run.publish(data)
     elif kind == "checkpoint":
         run.publish({"step": event["step"], "total": event["total"]}, event="checkpoint")

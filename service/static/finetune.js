@@ -94,6 +94,7 @@ export function watch(jobId, name) {
       drawCurve(losses, total);
       const bits = [`step ${data.step}/${data.total}`];
       if (typeof data.loss === "number") bits.push(`loss ${data.loss.toFixed(4)}`);
+      if (typeof data.diffusion_prior_loss === "number") bits.push(`prior loss ${data.diffusion_prior_loss.toFixed(4)}`);
       if (typeof data.lr === "number") bits.push(`lr ${data.lr.toExponential(1)}`);
       if (data.eta_s) bits.push(`about ${Math.ceil(data.eta_s)} s left`);
       status.textContent = bits.join(" · ");

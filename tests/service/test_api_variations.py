@@ -1,6 +1,7 @@
-"""The image side through the real stack (redis, uvicorn, a Celery worker) on a model that has one: POST /variations
+"""The image side through the real stack (redis, uvicorn, Celery workers) on a model that has one: POST /variations
 (an uploaded image → its CLIP image embedding → images) and POST /generate with `prior: "diffusion"`; the same
-pixels as the library, and refusals that name the field with nothing left on the volume."""
+pixels as the library, and refusals that name the field with nothing left on the volume; a fine-tune that trains
+the diffusion prior too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from _support.fixtures import _STACKS, png_bytes
+from _support.fixtures import _STACKS, png_bytes, shapes_dataset_zip, sse_events
 from _support.image_model import build_image_model
 from _support.servers import Stack
 from PIL import Image
@@ -23,8 +24,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def istack(tmp_path_factory, model_dir):
-    s = Stack(tmp_path_factory.mktemp("variations"), workers={"w1": "generate"}, MINIDALLE_MODEL=str(model_dir),
-              MINIDALLE_MODEL_ID="image-model")
+    s = Stack(tmp_path_factory.mktemp("variations"), workers={"w1": "generate", "w2": "finetune"},
+              MINIDALLE_MODEL=str(model_dir), MINIDALLE_MODEL_ID="image-model")
     _STACKS.append(s)
     yield s
     _STACKS.remove(s)
@@ -76,6 +77,24 @@ def test_generate_with_the_diffusion_prior(istack):
     assert np.abs(a - b).max() > 0  # the image tokens change the image
     png = Image.open(io.BytesIO(istack.http.get(job["result"]["images"][0]["url"]).content))
     assert '"prior": "diffusion"' in png.text["minidalle"] and '"prior_steps": 4' in png.text["minidalle"]
+
+
+def test_a_finetune_trains_the_diffusion_prior_and_reports_its_loss(istack):
+    r = istack.http.post("/datasets", files={"file": ("shapes.zip", shapes_dataset_zip(4), "application/zip")})
+    assert r.status_code == 201, r.text
+    body = {"name": "with-prior", "dataset_id": r.json()["dataset_id"], "steps": 3, "seed": 2, "checkpoint_every": 0}
+    r = istack.http.post("/finetune", json=body)
+    assert r.status_code == 202, r.text
+    events = sse_events(istack.http, f"/jobs/{r.json()['job_id']}/events", timeout=120)
+    progress = [e[2] for e in events if e[0] == "progress"]
+    assert events[-1][0] == "succeeded" and [p["step"] for p in progress] == [1, 2, 3], events
+    assert all(isinstance(p["diffusion_prior_loss"], float) and p["diffusion_prior_loss"] > 0 for p in progress)
+    meta = istack.http.get("/adapters/with-prior").json()
+    assert meta["priors"] == {"mlp": "adapter", "diffusion": "adapter"} and meta["has_diffusion_prior"] is True
+    job = istack.http.post("/generate?wait=60", json={"prompt": "a red circle <lora:with-prior:1>", "seed": 1,
+                                                      "num_inference_steps": 3, "prior": "diffusion",
+                                                      "prior_num_inference_steps": 3}).json()["job"]
+    assert job["state"] == "succeeded" and job["result"]["images"][0]["metadata"]["adapters"] == [["with-prior", 1.0]]
 
 
 @pytest.mark.parametrize("files, data, field", [
