@@ -136,3 +136,12 @@ def test_an_imported_copy_keeps_the_prior_lora(pipe, zorb, tmp_path):
     original = embeds(pipe, "a zorb number 1", adapters=[(str(out), 1.0)])
     assert torch.equal(embeds(pipe, "a zorb number 1", adapters=[(str(copy), 1.0)]), original)
     assert not torch.equal(embeds(pipe, "a zorb number 1", adapters=[]), original)
+
+
+def test_cache_off_trains_the_same_prior_lora(pipe, zorb, tmp_path):
+    ds = zorb(4)
+    cached = train(config(ds, tmp_path / "a", random_flip=True), pipeline=pipe).adapter_dir
+    fresh = train(config(ds, tmp_path / "b", random_flip=True, cache=False), pipeline=pipe).adapter_dir
+    a, b = load_file(cached / "adapter.safetensors"), load_file(fresh / "adapter.safetensors")
+    keys = [k for k in a if k.startswith("diffusion_prior.")]
+    assert keys and all(torch.allclose(a[k], b[k], atol=1e-6) for k in keys)
