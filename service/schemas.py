@@ -26,8 +26,6 @@ class Progress(BaseModel):
     total: int
     eta_s: float | None = None
     loss: float | None = None
-    diffusion_prior_loss: float | None = Field(None, description="A fine-tune on a model with a diffusion prior: the "
-                                               "loss of the LoRA it trains on that prior.")
 
 
 class Job(BaseModel):
