@@ -72,10 +72,6 @@ def lora_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
-def has_lora(model: nn.Module, name: str) -> bool:
-    return name in (getattr(model, "peft_config", None) or {})
-
-
 def delete_lora(model: nn.Module, name: str) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 

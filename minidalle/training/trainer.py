@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ImageOps
 from safetensors.torch import load_file, save_file
 
 from minidalle.adapters import save_adapter
-from minidalle.data import Example, dataset_hash, load_image, scan_dataset
+from minidalle.data import Example, dataset_hash, load_image, read_image, scan_dataset
 from minidalle.devices import resolve_dtype
 from minidalle.errors import Cancelled, InvalidInput
 from minidalle.lora_layers import LoraLayers, add_lora, delete_lora, lora_state
@@ -200,14 +200,8 @@ class Trainer:
 
     @torch.no_grad()
     def _image_embeds(self, idx: list[int], flips: list[bool]) -> torch.Tensor:  # (B, P)
-        from PIL import ImageOps
-
-        images = []
-        for i, flip in zip(idx, flips, strict=True):
-            with Image.open(self.examples[i].path) as im:
-                im = im.convert("RGB")
-            images.append(ImageOps.mirror(im) if flip else im)
-        return self.pipe.encode_image(images)
+        images = [read_image(self.examples[i].path) for i in idx]  # oriented as the latents' images are
+        return self.pipe.encode_image([ImageOps.mirror(im) if f else im for im, f in zip(images, flips, strict=True)])
 
     # ------------------------------------------------------------------------------------------------------------
     # one step
