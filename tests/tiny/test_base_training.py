@@ -37,6 +37,8 @@ def test_writes_sd15_layout_that_loads(trained):
     leaks = [p for p in out.rglob("*.json") if str(out.parent) in p.read_text()]  # where it was made stays here
     assert not leaks
     assert result["steps"] == TINY["unet_steps"] and result["timings"]["total_s"] > 0
+    # CPU time (the budget's unit) covers the whole run, the image side included
+    assert result["timings"]["cpu_s"] > result["image_side"]["timings"]["cpu_s"] > 0
     pipe = MiniDallePipeline.from_pretrained(out, device="cpu")
     assert pipe.default_height == 32
     # latents are scaled to unit variance, as SD's are
