@@ -135,9 +135,7 @@ def train_base_main(argv: list[str] | None = None) -> int:
         side = train_image_side(args.out, ImageSideConfig(seed=args.seed, threads=args.threads))
         known = args.out / "training.json"
         write_provenance(args.out, {**(json.loads(known.read_text()) if known.is_file() else {}), "image_side": side})
-        t = side["timings"]
-        print(f"train-base --stages image: {side['out']}  clip {t['clip_s']:.0f}s  prior {t['prior_s']:.0f}s  "
-              f"ip-adapter {t['ip_s']:.0f}s  total {t['total_s'] / 60:.1f} min ({t['cpu_s'] / 60:.1f} CPU-min)")
+        print(f"train-base --stages image: {side['out']}{_image_side_costs(side['timings'])}{_total(side['timings'])}")
         return 0
     cfg = BaseTrainConfig(out=args.out, seed=args.seed, unet_steps=args.steps, vae_steps=args.vae_steps,
                           n_images=args.images, batch_size=args.batch_size, minutes_budget=args.minutes_budget,
@@ -146,12 +144,18 @@ def train_base_main(argv: list[str] | None = None) -> int:
         cfg.image_side = None
     result = train_base(cfg)
     t = result["timings"]
-    side = result.get("image_side", {}).get("timings")
-    image = "" if side is None else (f"  clip {side['clip_s']:.0f}s  prior {side['prior_s']:.0f}s  "
-                                     f"ip-adapter {side['ip_s']:.0f}s")
+    image = _image_side_costs(result["image_side"]["timings"]) if "image_side" in result else ""
     print(f"train-base: {result['out']}  data {t['data_s']:.0f}s  vae {t['vae_s']:.0f}s  "
-          f"unet+text {t['unet_s']:.0f}s{image}  total {t['total_s'] / 60:.1f} min ({t['cpu_s'] / 60:.1f} CPU-min)")
+          f"unet+text {t['unet_s']:.0f}s{image}{_total(t)}")
     return 0
+
+
+def _image_side_costs(t: dict) -> str:
+    return f"  clip {t['clip_s']:.0f}s  prior {t['prior_s']:.0f}s  ip-adapter {t['ip_s']:.0f}s"
+
+
+def _total(t: dict) -> str:
+    return f"  total {t['total_s'] / 60:.1f} min ({t['cpu_s'] / 60:.1f} CPU-min)"
 
 
 def build_tiny_main(argv: list[str] | None = None) -> int:
